@@ -1,0 +1,1 @@
+"""msmoe-jax: communication-efficient Mixture-of-Experts training in JAX."""

@@ -1,0 +1,338 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides and validation.
+
+Everything a run needs is in :class:`Config`. ``load_config`` reads a YAML file, applies
+``section.key=value`` overrides, checks every key and type against the dataclasses and then
+checks the combinations (``Config.validate``). All problems raise :class:`ConfigError` with the
+dotted name of the field and what is allowed, before JAX compiles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: names the field and what is allowed."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # None: d_model // num_heads
+    d_ff: int = 128  # width of the dense FFN layers
+    num_dense_layers: int = 0  # the first N layers use a dense FFN instead of MoE
+    # MoE
+    num_experts: int = 8
+    top_k: int = 2
+    moe_d_ff: int = 64  # width of each routed expert
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None  # width of one shared expert; None: moe_d_ff
+    renormalize_topk: bool = True  # rescale the top-k gate weights to sum to 1
+    moe_mode: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = 1.25  # capacity mode: slots per expert = ceil(cf * tokens * k / E)
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    # How each device computes its local experts: "padded" is a dense per-expert einsum over
+    # [E, capacity, d] buffers (fast on CPU), "ragged_dot" a grouped GEMM over expert-sorted rows
+    # (no padding FLOPs; the fast choice on GPU). "auto" picks by backend.
+    expert_compute: Literal["auto", "padded", "ragged_dot"] = "auto"
+    # Numerics
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters and optimizer state
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def resolved_shared_d_ff(self) -> int:
+        return self.shared_d_ff if self.shared_d_ff is not None else self.moe_d_ff
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    # Data-parallel size; -1 uses every device. (Sequence, tensor and expert axes come with the
+    # folded-parallelism work and slot in here.)
+    data: int = -1
+
+
+@dataclasses.dataclass
+class DataConfig:
+    # "stdlib": the Python standard library's own source, byte-tokenised (no download);
+    # "tokens": a flat binary file of pre-tokenised ids (see token_dtype), memory-mapped.
+    source: Literal["stdlib", "tokens"] = "stdlib"
+    path: str | None = None
+    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    max_bytes: int = 8_000_000  # stdlib corpus: stop collecting after this many bytes
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # global, in sequences
+    seq_len: int = 128
+    log_every: int = 10
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 100  # save every N steps (and at the end); 0 disables checkpoints
+    keep: int = 2
+    async_save: bool = True
+    resume: bool = True  # resume from the latest checkpoint in run.dir/checkpoints
+
+
+@dataclasses.dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    # Peak FLOP/s per device used for MFU, in TFLOP/s. None: looked up from the device kind
+    # (H100/H200 bf16 dense 989); on a CPU MFU is reported against a nominal 1 TFLOP/s.
+    peak_tflops: float | None = None
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    # Simulated devices when JAX runs on the CPU (train.py sets XLA_FLAGS before JAX starts,
+    # unless XLA_FLAGS already sets --xla_force_host_platform_device_count).
+    cpu_devices: int = 8
+
+
+@dataclasses.dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, device_count: int | None = None) -> "Config":
+        """Checks combinations of fields; ``device_count`` enables the mesh checks."""
+        m, t = self.model, self.train
+
+        def need(ok: bool, field: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{field}: {msg}")
+
+        positive = [
+            ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+            ("model.num_layers", m.num_layers), ("model.num_heads", m.num_heads),
+            ("model.num_kv_heads", m.num_kv_heads), ("model.d_ff", m.d_ff),
+            ("model.num_experts", m.num_experts), ("model.top_k", m.top_k),
+            ("model.moe_d_ff", m.moe_d_ff), ("train.steps", t.steps),
+            ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len),
+            ("train.log_every", t.log_every), ("checkpoint.keep", self.checkpoint.keep),
+            ("data.max_bytes", self.data.max_bytes), ("run.cpu_devices", self.run.cpu_devices),
+        ]
+        for name, value in positive:
+            need(value >= 1, name, f"must be a positive integer, got {value}")
+        need(m.top_k <= m.num_experts, "model.top_k",
+             f"must be between 1 and model.num_experts={m.num_experts}, got {m.top_k}")
+        need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+             f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
+        if m.head_dim is None:
+            need(m.d_model % m.num_heads == 0, "model.d_model",
+                 f"must be divisible by model.num_heads={m.num_heads} when model.head_dim is "
+                 f"not set, got {m.d_model}")
+        else:
+            need(m.head_dim >= 1, "model.head_dim", f"must be positive, got {m.head_dim}")
+        need(m.resolved_head_dim % 2 == 0, "model.head_dim",
+             f"must be even for rotary embeddings, got {m.resolved_head_dim}")
+        need(0 <= m.num_dense_layers <= m.num_layers, "model.num_dense_layers",
+             f"must be between 0 and model.num_layers={m.num_layers}, got {m.num_dense_layers}")
+        need(m.num_shared_experts >= 0, "model.num_shared_experts",
+             f"must be >= 0, got {m.num_shared_experts}")
+        if m.shared_d_ff is not None:
+            need(m.shared_d_ff >= 1, "model.shared_d_ff", f"must be positive, got {m.shared_d_ff}")
+        need(m.capacity_factor > 0, "model.capacity_factor",
+             f"must be > 0, got {m.capacity_factor}")
+        need(m.aux_loss_coef >= 0, "model.aux_loss_coef", f"must be >= 0, got {m.aux_loss_coef}")
+        need(m.z_loss_coef >= 0, "model.z_loss_coef", f"must be >= 0, got {m.z_loss_coef}")
+        need(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
+        need(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
+
+        o = self.optimizer
+        need(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+        need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
+             f"must be in [0, 1], got {o.min_lr_ratio}")
+        need(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+        need(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+        need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+        need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1/b2",
+             f"must be in [0, 1), got b1={o.b1}, b2={o.b2}")
+        need(self.checkpoint.every >= 0, "checkpoint.every",
+             f"must be >= 0 (0 disables checkpoints), got {self.checkpoint.every}")
+        need(bool(self.run.dir), "run.dir", "must be a non-empty path")
+        if self.run.peak_tflops is not None:
+            need(self.run.peak_tflops > 0, "run.peak_tflops",
+                 f"must be > 0 or null, got {self.run.peak_tflops}")
+
+        d = self.data
+        if d.source == "tokens":
+            need(d.path is not None, "data.path", "is required when data.source is 'tokens'")
+            need(Path(d.path).is_file(), "data.path", f"no such file: {d.path}")
+        elif d.path is not None:
+            raise ConfigError("data.path: only used with data.source='tokens' "
+                              f"(data.source is {d.source!r})")
+        if d.source == "stdlib":
+            need(m.vocab_size >= 256, "model.vocab_size",
+                 f"must be >= 256 for the byte-level stdlib corpus, got {m.vocab_size}")
+
+        p = self.parallel
+        need(p.data == -1 or p.data >= 1, "parallel.data",
+             f"must be -1 (all devices) or a positive integer, got {p.data}")
+        if device_count is not None:
+            dp = device_count if p.data == -1 else p.data
+            need(dp == device_count, "parallel.data",
+                 f"the mesh (data={dp}) has {dp} devices but {device_count} are available; "
+                 "the product of the mesh axes must equal the device count (or use -1)")
+            need(t.batch_size % dp == 0, "train.batch_size",
+                 f"must be divisible by the data-parallel size {dp}, got {t.batch_size}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML -> dicts -> dataclasses, with type checks naming the dotted field.
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, field: str) -> Any:
+    """Returns ``value`` checked against type ``tp``; raises ConfigError naming ``field``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, field)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{field}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key in {where}; "
+                          f"allowed keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        field = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, field)
+        else:
+            kwargs[name] = _coerce(value, tp, field)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'model.num_experts=16'`` -> (['model', 'num_experts'], 16); values are YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"bad override {text!r}: expected dotted.key=value, "
+                          "e.g. --set model.num_experts=16")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"bad override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad override {text!r}: value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"bad override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
+    raw = apply_overrides(dict(raw or {}), list(overrides))
+    return _build(Config, raw, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (),
+                device_count: int | None = None) -> Config:
+    """Loads ``path`` (None: all defaults), applies overrides and validates."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    return config_from_dict(raw, overrides).validate(device_count)

@@ -1,0 +1,102 @@
+"""Dense building blocks: RMSNorm, rotary embeddings, grouped-query attention and SwiGLU.
+
+Plain math on local arrays. Parameters are stored in ``param_dtype`` and cast to the compute
+``dtype`` where they are used; norms and softmax statistics are computed in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from msmoe_jax.config import ModelConfig
+
+
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+
+
+def dtypes(cfg: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
+    """(compute dtype, parameter dtype)."""
+    return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention (as Llama/Mixtral).
+
+    x: [b, s, heads, head_dim]; positions: [s] global token positions (so a sequence shard
+    passes its own offsets). Returns the same shape and dtype.
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [s, half]
+    cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Reference attention core on full sequences.
+
+    q: [b, s, heads, d]; k, v: [b, s, kv_heads, d] with kv_heads dividing heads (GQA).
+    Returns [b, s, heads, d]. A sequence-parallel implementation replaces this function.
+    """
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE. The attention core is passed in at call time."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dtype, pdt = dtypes(cfg)
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        self.wq = normal_param(rngs, (d, h, hd), cfg.init_std, pdt)
+        self.wk = normal_param(rngs, (d, kv, hd), cfg.init_std, pdt)
+        self.wv = normal_param(rngs, (d, kv, hd), cfg.init_std, pdt)
+        self.wo = normal_param(rngs, (h, hd, d), out_std, pdt)
+        self.rope_theta = cfg.rope_theta
+
+    def __call__(self, x: jax.Array, positions: jax.Array, attention_fn=causal_attention):
+        """x: [b, s, d] -> [b, s, d]."""
+        c = lambda p: p[...].astype(self.dtype)
+        q = jnp.einsum("bsd,dhk->bshk", x, c(self.wq))
+        k = jnp.einsum("bsd,dhk->bshk", x, c(self.wk))
+        v = jnp.einsum("bsd,dhk->bshk", x, c(self.wv))
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        o = attention_fn(q, k, v)
+        return jnp.einsum("bshk,hkd->bsd", o, c(self.wo))
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """x: [..., d]; w_gate, w_up: [d, f]; w_down: [f, d] -> [..., d]."""
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+class SwiGLU(nnx.Module):
+    """Dense SwiGLU feed-forward (dense layers and shared experts)."""
+
+    def __init__(self, cfg: ModelConfig, d_ff: int, rngs: nnx.Rngs):
+        self.dtype, pdt = dtypes(cfg)
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        self.w_gate = normal_param(rngs, (cfg.d_model, d_ff), cfg.init_std, pdt)
+        self.w_up = normal_param(rngs, (cfg.d_model, d_ff), cfg.init_std, pdt)
+        self.w_down = normal_param(rngs, (d_ff, cfg.d_model), out_std, pdt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = lambda p: p[...].astype(self.dtype)
+        return swiglu(x, c(self.w_gate), c(self.w_up), c(self.w_down))

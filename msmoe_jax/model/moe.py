@@ -1,0 +1,217 @@
+"""Mixture-of-Experts feed-forward: top-k router, its auxiliary losses, and local expert compute.
+
+The block is split so that parallel implementations can replace one piece:
+
+* ``route_topk``: softmax top-k gating plus the per-device statistics the losses need. Losses are
+  computed from statistics *summed over all tokens of the global batch*, so a data-parallel run
+  psums the statistics first and gets exactly the single-device loss.
+* an *experts function* ``(x, expert_idx, gates, weights, capacity) -> (y, dropped)`` that sends
+  every token to its experts and combines the results. ``local_experts`` is the single-device
+  reference; expert parallelism substitutes one that moves tokens between devices.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from msmoe_jax.config import ModelConfig
+from msmoe_jax.model.layers import SwiGLU, dtypes, normal_param
+
+
+class RouterStats(NamedTuple):
+    """Per-layer routing statistics, summed over this device's tokens (psum them to combine)."""
+
+    expert_counts: jax.Array  # [E] assignments per expert (before capacity drops)
+    prob_sum: jax.Array  # [E] sum over tokens of the router probabilities
+    z_sum: jax.Array  # [] sum over tokens of logsumexp(logits)^2
+    tokens: jax.Array  # [] number of tokens routed
+    dropped: jax.Array  # [] assignments dropped by the capacity limit
+
+
+class ExpertWeights(NamedTuple):
+    w_gate: jax.Array  # [E, d, f]
+    w_up: jax.Array  # [E, d, f]
+    w_down: jax.Array  # [E, f, d]
+
+
+ExpertsFn = Callable[[jax.Array, jax.Array, jax.Array, ExpertWeights, "int | None"],
+                     tuple[jax.Array, jax.Array]]
+
+
+def route_topk(logits: jax.Array, k: int, renormalize: bool):
+    """Softmax top-k gating.
+
+    logits: [T, E] (any float dtype; computed in float32).
+    Returns gates [T, k] float32, expert_idx [T, k] int32 (distinct per token) and the
+    RouterStats of these tokens (``dropped`` left at 0 for the experts function to fill).
+    """
+    logits = logits.astype(jnp.float32)
+    num_experts = logits.shape[-1]
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, idx = jax.lax.top_k(probs, k)
+    if renormalize:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    counts = jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)
+    stats = RouterStats(
+        expert_counts=counts,
+        prob_sum=jnp.sum(probs, axis=0),
+        z_sum=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        tokens=jnp.asarray(logits.shape[0], jnp.float32),
+        dropped=jnp.zeros((), jnp.float32),
+    )
+    return gates, idx.astype(jnp.int32), stats
+
+
+def load_balancing_loss(expert_counts, prob_sum, tokens, top_k: int) -> jax.Array:
+    """Switch/GShard auxiliary loss ``E * sum_i f_i * P_i`` (1.0 when routing is uniform).
+
+    f_i = expert_counts_i / (tokens * top_k): fraction of assignments that chose expert i.
+    P_i = prob_sum_i / tokens: mean router probability of expert i.
+    Shapes: [..., E] statistics and [...] tokens; returns [...].
+    """
+    num_experts = expert_counts.shape[-1]
+    f = expert_counts / (tokens[..., None] * top_k)
+    p = prob_sum / tokens[..., None]
+    return num_experts * jnp.sum(f * p, axis=-1)
+
+
+def router_z_loss(z_sum, tokens) -> jax.Array:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return z_sum / tokens
+
+
+def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert in capacity mode: ceil(cf * tokens * k / E), at most ``tokens``."""
+    return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / num_experts)))
+
+
+class SortedAssignments(NamedTuple):
+    """Token-to-expert assignments sorted by expert. A = T * k assignments."""
+
+    token: jax.Array  # [A] source token of the j-th sorted assignment
+    expert: jax.Array  # [A] its expert (non-decreasing)
+    rank: jax.Array  # [A] its position among the assignments to that expert
+    counts: jax.Array  # [E] assignments per expert
+    starts: jax.Array  # [E] first sorted position of each expert
+    unsort: jax.Array  # [A] inverse permutation: slot-major assignment a -> sorted position
+
+
+def sort_by_expert(expert_idx: jax.Array, num_experts: int) -> SortedAssignments:
+    """Sorts the [T, k] assignments by expert, stably in slot-major order.
+
+    Slot-major order (all first choices, then all second choices, ...) means that under a
+    capacity limit a token's first choice wins over another token's second choice, and within
+    a slot earlier tokens win.
+    """
+    t, k = expert_idx.shape
+    flat = expert_idx.T.reshape(-1)  # assignment a = slot * T + token
+    order = jnp.argsort(flat, stable=True)
+    expert = flat[order]
+    counts = jnp.bincount(flat, length=num_experts)
+    starts = jnp.cumsum(counts) - counts
+    rank = jnp.arange(t * k) - starts[expert]
+    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(t * k))
+    return SortedAssignments(order % t, expert, rank, counts, starts, unsort)
+
+
+def _combine(y_sorted: jax.Array, keep: jax.Array, s: SortedAssignments, gates: jax.Array):
+    """Un-permutes expert outputs and sums them over the top-k with their gate weights.
+
+    y_sorted: [A, d] outputs in expert-sorted order; keep: [A] (False for dropped);
+    gates: [T, k]. Returns [T, d] in y_sorted's dtype (the weighted sum is in float32).
+    """
+    t, k = gates.shape
+    y = jnp.where(keep[:, None], y_sorted, 0)[s.unsort].reshape(k, t, -1)
+    return jnp.einsum("ktd,tk->td", y.astype(jnp.float32), gates).astype(y_sorted.dtype)
+
+
+def experts_padded(x, expert_idx, gates, w: ExpertWeights, capacity: int | None):
+    """Experts as a dense einsum over per-expert buffers [E, C, d].
+
+    x: [T, d]; expert_idx, gates: [T, k]; capacity None means dropless (C = T, the most any
+    expert can receive since a token's k experts are distinct). Returns (y [T, d], dropped []).
+    """
+    t, _ = x.shape
+    num_experts = w.w_gate.shape[0]
+    cap = t if capacity is None else capacity
+    s = sort_by_expert(expert_idx, num_experts)
+    # Gather rows into the buffer: slot c of expert e holds sorted assignment starts[e] + c.
+    slot = s.starts[:, None] + jnp.arange(cap)[None, :]  # [E, C]
+    valid = jnp.arange(cap)[None, :] < s.counts[:, None]
+    src = s.token[jnp.clip(slot, 0, t * gates.shape[1] - 1)]
+    buf = jnp.where(valid[..., None], x[src], 0)  # [E, C, d]
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w.w_gate)) * jnp.einsum(
+        "ecd,edf->ecf", buf, w.w_up)
+    out = jnp.einsum("ecf,efd->ecd", h, w.w_down)  # [E, C, d]
+    keep = s.rank < cap
+    y_sorted = out[s.expert, jnp.minimum(s.rank, cap - 1)]  # [A, d]
+    dropped = jnp.sum(jnp.maximum(s.counts - cap, 0)).astype(jnp.float32)
+    return _combine(y_sorted, keep, s, gates), dropped
+
+
+def experts_ragged(x, expert_idx, gates, w: ExpertWeights, capacity: int | None):
+    """Experts as grouped GEMMs (``jax.lax.ragged_dot``) over expert-sorted rows.
+
+    Same contract as ``experts_padded``. Under a capacity limit the overflow rows are still
+    multiplied (shapes are static) but masked out of the result and counted as dropped.
+    """
+    num_experts = w.w_gate.shape[0]
+    s = sort_by_expert(expert_idx, num_experts)
+    xs = x[s.token]  # [A, d]
+    gs = s.counts.astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w.w_gate, gs)) * jax.lax.ragged_dot(xs, w.w_up, gs)
+    y_sorted = jax.lax.ragged_dot(h, w.w_down, gs)
+    if capacity is None:
+        keep = jnp.ones(s.rank.shape, bool)
+        dropped = jnp.zeros((), jnp.float32)
+    else:
+        keep = s.rank < capacity
+        dropped = jnp.sum(jnp.maximum(s.counts - capacity, 0)).astype(jnp.float32)
+    return _combine(y_sorted, keep, s, gates), dropped
+
+
+def local_experts(impl: str = "auto") -> ExpertsFn:
+    """The single-device experts function; ``auto`` is ragged_dot on GPU, padded elsewhere
+    (``ragged_dot`` is several times slower than a dense einsum of the same FLOPs on CPU)."""
+    if impl == "auto":
+        impl = "ragged_dot" if jax.default_backend() == "gpu" else "padded"
+    return {"padded": experts_padded, "ragged_dot": experts_ragged}[impl]
+
+
+class MoE(nnx.Module):
+    """Routed SwiGLU experts (stacked weights [E, d, f]) plus optional shared experts."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dtype, pdt = dtypes(cfg)
+        e, d, f = cfg.num_experts, cfg.d_model, cfg.moe_d_ff
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        self.router = normal_param(rngs, (d, e), cfg.init_std, pdt)
+        self.w_gate = normal_param(rngs, (e, d, f), cfg.init_std, pdt)
+        self.w_up = normal_param(rngs, (e, d, f), cfg.init_std, pdt)
+        self.w_down = normal_param(rngs, (e, f, d), out_std, pdt)
+        self.shared = (SwiGLU(cfg, cfg.num_shared_experts * cfg.resolved_shared_d_ff, rngs)
+                       if cfg.num_shared_experts else None)
+        self.top_k = cfg.top_k
+        self.renormalize = cfg.renormalize_topk
+        self.capacity_factor = cfg.capacity_factor if cfg.moe_mode == "capacity" else None
+
+    def __call__(self, x: jax.Array, experts_fn: ExpertsFn) -> tuple[jax.Array, RouterStats]:
+        """x: [b, s, d] -> ([b, s, d], RouterStats over these b*s tokens)."""
+        b, s, d = x.shape
+        xt = x.reshape(b * s, d)
+        logits = xt.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+        gates, idx, stats = route_topk(logits, self.top_k, self.renormalize)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(b * s, self.top_k, logits.shape[-1], self.capacity_factor)
+        c = lambda p: p[...].astype(self.dtype)
+        weights = ExpertWeights(c(self.w_gate), c(self.w_up), c(self.w_down))
+        y, dropped = experts_fn(xt, idx, gates, weights, capacity)
+        if self.shared is not None:
+            y = y + self.shared(xt)
+        return y.reshape(b, s, d), stats._replace(dropped=dropped)

@@ -1,0 +1,53 @@
+"""Training objective: next-token cross-entropy plus the router's auxiliary losses.
+
+``loss_terms`` works on whatever slice of the batch it is given and takes a ``reduce`` function
+that sums token-level statistics over the whole batch: the identity on one device, a ``psum``
+over the batch axes inside ``shard_map``. Means are taken only after that sum, so every layout
+computes the single-device loss exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from msmoe_jax.config import ModelConfig
+from msmoe_jax.model import LayerOps, load_balancing_loss, router_z_loss
+
+
+def identity(tree):
+    return tree
+
+
+def loss_terms(graphdef: nnx.GraphDef, params, tokens: jax.Array, positions: jax.Array,
+               cfg: ModelConfig, ops: LayerOps, reduce: Callable = identity):
+    """tokens: [b, s + 1] (inputs and shifted targets); positions: [s].
+
+    Returns (loss [], metrics dict of scalars), identical on every device after ``reduce``.
+    """
+    model = nnx.merge(graphdef, params)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits, stats = model(inputs, positions, ops)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    sums = {"nll": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}
+    if stats is not None:
+        sums["router"] = stats
+    sums = reduce(sums)
+    ce = sums["nll"] / sums["tokens"]
+    metrics = {"ce": ce}
+    loss = ce
+    if stats is not None:
+        r = sums["router"]
+        aux = jnp.mean(load_balancing_loss(r.expert_counts, r.prob_sum, r.tokens, cfg.top_k))
+        z = jnp.mean(router_z_loss(r.z_sum, r.tokens))
+        loss = loss + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+        metrics.update(
+            aux_loss=aux, z_loss=z,
+            dropped_frac=jnp.sum(r.dropped) / jnp.sum(r.tokens * cfg.top_k),
+        )
+    metrics["loss"] = loss
+    return loss, metrics

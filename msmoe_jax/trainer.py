@@ -1,0 +1,188 @@
+"""The training loop: state initialisation, the compiled step, logging and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from msmoe_jax import flops
+from msmoe_jax.checkpoint import Checkpointer
+from msmoe_jax.config import Config
+from msmoe_jax.data import make_iterator
+from msmoe_jax.model import Transformer
+from msmoe_jax.optim import lr_schedule, make_optimizer
+from msmoe_jax.parallel.mesh import BATCH, REPLICATED, make_mesh, sharding
+from msmoe_jax.parallel.strategy import make_loss_fn
+
+
+def init_model(cfg: Config, mesh: Mesh):
+    """Returns (graphdef, params) with params created directly in their mesh sharding."""
+    create = lambda: nnx.split(Transformer(cfg.model, nnx.Rngs(cfg.seed)))
+    graphdef, _ = nnx.eval_shape(create)
+    params = jax.jit(lambda: create()[1], out_shardings=sharding(mesh, REPLICATED))()
+    return graphdef, params
+
+
+def init_state(cfg: Config, mesh: Mesh):
+    """(graphdef, optimizer, state) where state = {step, params, opt_state} on the mesh."""
+    graphdef, params = init_model(cfg, mesh)
+    optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
+    opt_state = jax.jit(optimizer.init, out_shardings=sharding(mesh, REPLICATED))(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), sharding(mesh, REPLICATED))
+    return graphdef, optimizer, {"step": step, "params": params, "opt_state": opt_state}
+
+
+def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, on_trace: Callable = None):
+    """A jitted ``step(state, tokens) -> (state, metrics)``; ``on_trace`` runs at each trace."""
+    loss_fn = make_loss_fn(cfg, graphdef, mesh)
+    schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
+
+    def step(state, tokens):
+        if on_trace is not None:
+            on_trace()
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], tokens)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory plus console output (a tqdm bar on a terminal)."""
+
+    def __init__(self, run_dir: Path, total: int, start: int, progress: str):
+        self.path = run_dir / "metrics.jsonl"
+        self._drop_records_after(start)  # a resumed run rewrites the steps it redoes
+        self.file = open(self.path, "a")
+        use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty())
+        self.bar = None
+        if use_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def _drop_records_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        text = (f"step {record['step']:>6} | loss {record['loss']:.4f} | ce {record['ce']:.4f}"
+                + (f" | aux {record['aux_loss']:.4f} | z {record['z_loss']:.3f}"
+                   f" | drop {record['dropped_frac']:.3f}" if "aux_loss" in record else "")
+                + f" | {record['tokens_per_sec']:,.0f} tok/s | MFU {100 * record['mfu']:.2f}%")
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def info(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# Fault injection for the kill-and-resume test: SIGKILL this process right after this step.
+KILL_AFTER_STEP_ENV = "MSMOE_TEST_KILL_AFTER_STEP"
+
+
+def train(cfg: Config, devices=None) -> dict[str, Any]:
+    """Runs (or resumes) training as configured. Returns a summary of the run."""
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    mesh = make_mesh(cfg.parallel, devices)
+    info(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices")
+
+    graphdef, optimizer, state = init_state(cfg, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    info(f"model: {n_params:,} parameters, "
+         f"{flops.active_matmul_params(cfg.model):,} active matmul parameters per token")
+
+    data = make_iterator(cfg)
+    ckpt = None
+    start = 0
+    if cfg.checkpoint.every > 0:
+        ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
+                            cfg.checkpoint.async_save)
+        latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+        if latest is not None:
+            state, data_state = ckpt.restore(latest, state)
+            data.set_state(data_state)
+            start = int(state["step"])
+            info(f"resumed from {ckpt.directory / str(latest)} at step {start}")
+
+    traces = []
+    step_fn = make_train_step(cfg, graphdef, optimizer, mesh, on_trace=lambda: traces.append(1))
+    batch_sharding = sharding(mesh, BATCH)
+    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.train.seq_len)
+    peak = flops.peak_flops_per_device(cfg.run.peak_tflops)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+
+    log = MetricsLog(run_dir, cfg.train.steps, start, cfg.run.progress)
+    history = []
+    end = cfg.train.steps
+    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
+    t_last, steps_since = None, 0
+    try:
+        for step in range(start, end):
+            tokens = jax.device_put(np.asarray(next(data)), batch_sharding)
+            if t_last is None:
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, tokens)
+                jax.block_until_ready(metrics)
+                info(f"compiled and ran the first step in {time.perf_counter() - t0:.1f}s")
+                t_last = time.perf_counter()
+            else:
+                state, metrics = step_fn(state, tokens)
+                steps_since += 1
+            done = step + 1
+            log.advance(1)
+            if done % cfg.train.log_every == 0 or done == end:
+                record = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+                now = time.perf_counter()
+                tps = steps_since * tokens_per_step / (now - t_last) if steps_since else 0.0
+                t_last, steps_since = now, 0
+                record.update(tokens_per_sec=tps,
+                              mfu=flops.mfu(flops_per_token, tps, mesh.size, peak))
+                if not np.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss is {record['loss']} at step {done}; "
+                                             "lower optimizer.lr or check the data")
+                log.write(record)
+                history.append(record)
+            if ckpt is not None:
+                final = done == cfg.train.steps
+                ckpt.save(done, state, data.get_state(), force=final)
+            if done == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        log.close()
+        if ckpt is not None:
+            ckpt.close()
+    return {"history": history, "traces": len(traces), "start_step": start, "state": state,
+            "mesh": mesh}

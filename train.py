@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Train an MoE language model: ``python train.py --config configs/default.yaml [--set k=v ...]``.
+
+With no arguments it trains the default config (a tiny MoE model on 8 simulated CPU devices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from msmoe_jax.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Train a Mixture-of-Experts language model with msmoe-jax.",
+        epilog="Example: python train.py --config configs/default.yaml --set model.num_experts=16 "
+               "--set train.steps=50. Every config key is listed in README.md.")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="YAML config file (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by its dotted name, e.g. model.top_k=2 "
+                        "(repeatable; values are parsed as YAML)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit without training")
+    return p.parse_args(argv)
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Must run before JAX is imported; only affects the CPU platform."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg: Config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+
+    simulate_cpu_devices(cfg.run.cpu_devices)
+    import jax
+
+    from msmoe_jax.checkpoint import CheckpointError
+    from msmoe_jax.data import DataError
+    from msmoe_jax.trainer import train
+
+    try:
+        cfg.validate(device_count=jax.device_count())
+        train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last completed checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
