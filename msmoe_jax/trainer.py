@@ -55,7 +55,7 @@ def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, on_trace: Call
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], tokens)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return jax.jit(step, donate_argnums=0)

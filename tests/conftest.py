@@ -1,0 +1,44 @@
+"""Eight simulated CPU devices for every test; must run before JAX is imported."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from msmoe_jax.config import config_from_dict  # noqa: E402
+
+assert jax.device_count() == 8, "conftest must run before JAX is initialised"
+
+
+def tiny_config(tmp_path=None, **sections):
+    """A small config for tests: ``tiny_config(tmp, model={'top_k': 1})``."""
+    raw = {
+        "seed": 0,
+        "model": {"d_model": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "num_experts": 4, "top_k": 2, "moe_d_ff": 32, "d_ff": 64},
+        "train": {"steps": 8, "batch_size": 8, "seq_len": 32, "log_every": 1},
+        "optimizer": {"lr": 1e-2, "warmup_steps": 2},
+        "checkpoint": {"every": 0},
+        "data": {"max_bytes": 400_000},
+        "run": {"dir": str(tmp_path / "run") if tmp_path else "runs/test", "progress": "lines"},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(name, {}).update(values)
+        else:
+            raw[name] = values
+    return config_from_dict(raw).validate(jax.device_count())
+
+
+@pytest.fixture
+def devices():
+    return jax.devices()

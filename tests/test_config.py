@@ -1,0 +1,74 @@
+"""Config loading and validation: each problem gives one message naming the field."""
+
+import pytest
+
+from msmoe_jax.config import Config, ConfigError, config_from_dict, load_config
+
+
+def check(raw=None, overrides=(), device_count=8, match=""):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(raw or {}, list(overrides)).validate(device_count)
+
+
+def test_defaults_are_valid_and_overrides_apply():
+    cfg = config_from_dict({}, ["model.num_experts=16", "train.steps=7", "run.dir=/tmp/x",
+                                "model.head_dim=null", "optimizer.lr=1e-3", "seed=3"])
+    cfg.validate(8)
+    assert cfg.model.num_experts == 16 and cfg.train.steps == 7 and cfg.seed == 3
+    assert cfg.optimizer.lr == 1e-3 and isinstance(cfg.optimizer.lr, float)
+    assert isinstance(Config().validate(8), Config)
+
+
+def test_load_config_file_and_default_yaml(tmp_path):
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "default.yaml", ["checkpoint.keep=3"], device_count=8)
+    assert cfg.checkpoint.keep == 3
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("raw,overrides,match", [
+    ({"model": {"num_expert": 8}}, (), r"model\.num_expert: unknown key .*allowed keys: .*num_experts"),
+    ({"modle": {}}, (), r"modle: unknown key in top level"),
+    ({}, ["model.top_k=two"], r"model\.top_k: expected int, got 'two'"),
+    ({}, ["model.dtype=float16"], r"model\.dtype: expected one of 'float32', 'bfloat16'"),
+    ({}, ["train.steps=1.5"], r"train\.steps: expected int"),
+    ({}, ["model.tie_embeddings=3"], r"model\.tie_embeddings: expected bool"),
+    ({"model": 5}, (), r"model: expected a mapping"),
+    ({}, ["model.top_k=9", "model.num_experts=8"], r"model\.top_k: must be between 1 and model\.num_experts=8, got 9"),
+    ({}, ["model.num_heads=6", "model.num_kv_heads=4", "model.d_model=48"], r"model\.num_kv_heads: must divide model\.num_heads=6"),
+    ({}, ["model.d_model=66"], r"model\.d_model: must be divisible by model\.num_heads"),
+    ({}, ["model.num_dense_layers=3"], r"model\.num_dense_layers: must be between 0 and model\.num_layers=2"),
+    ({}, ["model.capacity_factor=0"], r"model\.capacity_factor: must be > 0"),
+    ({}, ["train.batch_size=0"], r"train\.batch_size: must be a positive integer"),
+    ({}, ["train.batch_size=12"], r"train\.batch_size: must be divisible by the data-parallel size 8"),
+    ({}, ["parallel.data=4"], r"parallel\.data: the mesh \(data=4\) has 4 devices but 8 are available"),
+    ({}, ["parallel.data=0"], r"parallel\.data: must be -1"),
+    ({}, ["data.source=tokens"], r"data\.path: is required"),
+    ({}, ["data.source=tokens", "data.path=/nonexistent.bin"], r"data\.path: no such file"),
+    ({}, ["data.path=/x.bin"], r"data\.path: only used with data\.source='tokens'"),
+    ({}, ["model.vocab_size=100"], r"model\.vocab_size: must be >= 256"),
+    ({}, ["optimizer.lr=0"], r"optimizer\.lr: must be > 0"),
+    ({}, ["checkpoint.keep=0"], r"checkpoint\.keep: must be a positive integer"),
+    ({}, ["checkpoint.every=-1"], r"checkpoint\.every: must be >= 0"),
+    ({}, ["model.head_dim=7"], r"model\.head_dim: must be even"),
+])
+def test_validation_messages(raw, overrides, match):
+    check(raw, overrides, match=match)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("model.num_experts", r"expected dotted\.key=value"),
+    ("=3", r"empty key"),
+    ("model..top_k=2", r"empty key"),
+    ("model.top_k=[1", r"not valid YAML"),
+    ("seed.x=1", r"seed is not a section"),
+])
+def test_bad_overrides(text, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"seed": 1}, [text])
