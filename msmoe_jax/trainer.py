@@ -87,7 +87,8 @@ class MetricsLog:
         text = (f"step {record['step']:>6} | loss {record['loss']:.4f} | ce {record['ce']:.4f}"
                 + (f" | aux {record['aux_loss']:.4f} | z {record['z_loss']:.3f}"
                    f" | drop {record['dropped_frac']:.3f}" if "aux_loss" in record else "")
-                + f" | {record['tokens_per_sec']:,.0f} tok/s | MFU {100 * record['mfu']:.2f}%")
+                + (f" | {record['tokens_per_sec']:,.0f} tok/s | MFU {100 * record['mfu']:.2f}%"
+                   if record["tokens_per_sec"] is not None else " | tok/s n/a (compiling)"))
         if self.bar is not None:
             self.bar.write(text)
         else:
@@ -166,10 +167,11 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
             if done % cfg.train.log_every == 0 or done == end:
                 record = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
                 now = time.perf_counter()
-                tps = steps_since * tokens_per_step / (now - t_last) if steps_since else 0.0
+                # Throughput excludes the first step (compilation); null until measurable.
+                tps = steps_since * tokens_per_step / (now - t_last) if steps_since else None
                 t_last, steps_since = now, 0
-                record.update(tokens_per_sec=tps,
-                              mfu=flops.mfu(flops_per_token, tps, mesh.size, peak))
+                record.update(tokens_per_sec=tps, mfu=None if tps is None else
+                              flops.mfu(flops_per_token, tps, mesh.size, peak))
                 if not np.isfinite(record["loss"]):
                     raise FloatingPointError(f"loss is {record['loss']} at step {done}; "
                                              "lower optimizer.lr or check the data")

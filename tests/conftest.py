@@ -19,7 +19,7 @@ from msmoe_jax.config import config_from_dict  # noqa: E402
 assert jax.device_count() == 8, "conftest must run before JAX is initialised"
 
 
-def tiny_config(tmp_path=None, **sections):
+def tiny_config(tmp_path=None, device_count=8, **sections):
     """A small config for tests: ``tiny_config(tmp, model={'top_k': 1})``."""
     raw = {
         "seed": 0,
@@ -36,9 +36,31 @@ def tiny_config(tmp_path=None, **sections):
             raw.setdefault(name, {}).update(values)
         else:
             raw[name] = values
-    return config_from_dict(raw).validate(jax.device_count())
+    return config_from_dict(raw).validate(device_count)
 
 
 @pytest.fixture
 def devices():
     return jax.devices()
+
+
+def write_config(cfg, path):
+    """Writes a Config as YAML for train.py; returns the path."""
+    import yaml
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def run_cli(*args, env=None, timeout=300):
+    """Runs train.py in a fresh process (8 simulated CPU devices) and returns the result."""
+    import subprocess
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)],
+                          capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=str(ROOT))
+
+
+def read_metrics(run_dir):
+    import json
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
