@@ -164,7 +164,7 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
                 steps_since += 1
             done = step + 1
             log.advance(1)
-            if done % cfg.train.log_every == 0 or done == end:
+            if done % cfg.train.log_every == 0 or done == end or done == start + 1:
                 record = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
                 now = time.perf_counter()
                 # Throughput excludes the first step (compilation); null until measurable.
