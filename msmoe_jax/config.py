@@ -9,6 +9,7 @@ dotted name of the field and what is allowed, before JAX compiles anything.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -210,10 +211,10 @@ class Config:
         need(p.data == -1 or p.data >= 1, "parallel.data",
              f"must be -1 (all devices) or a positive integer, got {p.data}")
         if device_count is not None:
-            dp = device_count if p.data == -1 else p.data
-            need(dp == device_count, "parallel.data",
-                 f"the mesh (data={dp}) has {dp} devices but {device_count} are available; "
-                 "the product of the mesh axes must equal the device count (or use -1)")
+            from msmoe_jax.parallel.mesh import BATCH_AXES, mesh_shape  # the mesh rules
+
+            shape = mesh_shape(p, device_count)
+            dp = math.prod(shape[axis] for axis in BATCH_AXES)
             need(t.batch_size % dp == 0, "train.batch_size",
                  f"must be divisible by the data-parallel size {dp}, got {t.batch_size}")
         return self

@@ -145,6 +145,9 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     peak = flops.peak_flops_per_device(cfg.run.peak_tflops)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
 
+    if start >= cfg.train.steps:
+        info(f"nothing to do: the run in {run_dir} is already at step {start} of "
+             f"{cfg.train.steps} (raise train.steps to continue it)")
     log = MetricsLog(run_dir, cfg.train.steps, start, cfg.run.progress)
     history = []
     end = cfg.train.steps

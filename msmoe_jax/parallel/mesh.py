@@ -22,10 +22,12 @@ REPLICATED = P()  # parameters and optimizer state under data parallelism
 
 
 def mesh_shape(cfg: ParallelConfig, device_count: int) -> dict[str, int]:
+    """Axis name -> size for ``device_count`` devices; ConfigError if they cannot fill it."""
     data = device_count if cfg.data == -1 else cfg.data
     if data != device_count:
-        raise ConfigError(f"parallel.data: the mesh has {data} devices but {device_count} are "
-                          "available; the product of the mesh axes must equal the device count")
+        raise ConfigError(f"parallel.data: the mesh (data={data}) has {data} devices but "
+                          f"{device_count} are available; the product of the mesh axes must "
+                          "equal the device count (or use -1)")
     return {DATA: data}
 
 
@@ -36,13 +38,6 @@ def make_mesh(cfg: ParallelConfig, devices: Sequence[jax.Device] | None = None) 
     shape = mesh_shape(cfg, len(devices))
     return jax.make_mesh(tuple(shape.values()), tuple(shape), devices=devices,
                          axis_types=(AxisType.Auto,) * len(shape))
-
-
-def batch_size_per_shard(mesh: Mesh, global_batch: int) -> int:
-    shards = 1
-    for axis in BATCH_AXES:
-        shards *= mesh.shape[axis]
-    return global_batch // shards
 
 
 def sharding(mesh: Mesh, spec: P) -> NamedSharding:
