@@ -150,11 +150,10 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
              f"{cfg.train.steps} (raise train.steps to continue it)")
     log = MetricsLog(run_dir, cfg.train.steps, start, cfg.run.progress)
     history = []
-    end = cfg.train.steps
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
     t_last, steps_since = None, 0
     try:
-        for step in range(start, end):
+        for step in range(start, cfg.train.steps):
             tokens = jax.device_put(np.asarray(next(data)), batch_sharding)
             if t_last is None:
                 t0 = time.perf_counter()
@@ -167,7 +166,7 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
                 steps_since += 1
             done = step + 1
             log.advance(1)
-            if done % cfg.train.log_every == 0 or done == end or done == start + 1:
+            if done % cfg.train.log_every == 0 or done in (start + 1, cfg.train.steps):
                 record = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
                 now = time.perf_counter()
                 # Throughput excludes the first step (compilation); null until measurable.
@@ -181,8 +180,7 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
                 log.write(record)
                 history.append(record)
             if ckpt is not None:
-                final = done == cfg.train.steps
-                ckpt.save(done, state, data.get_state(), force=final)
+                ckpt.save(done, state, data.get_state(), force=done == cfg.train.steps)
             if done == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
