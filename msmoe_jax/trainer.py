@@ -27,21 +27,28 @@ from msmoe_jax.parallel.mesh import BATCH, REPLICATED, make_mesh, sharding
 from msmoe_jax.parallel.strategy import make_loss_fn
 
 
-def init_model(cfg: Config, mesh: Mesh):
-    """Returns (graphdef, params) with params created directly in their mesh sharding."""
+def init_state(cfg: Config, mesh: Mesh, abstract: bool = False):
+    """(graphdef, optimizer, state) where state = {step, params, opt_state} on the mesh.
+
+    ``abstract=True`` gives ShapeDtypeStructs with the mesh's shardings instead of arrays: the
+    target for restoring a checkpoint without first materialising a fresh model.
+    """
     create = lambda: nnx.split(Transformer(cfg.model, nnx.Rngs(cfg.seed)))
     graphdef, _ = nnx.eval_shape(create)
-    params = jax.jit(lambda: create()[1], out_shardings=sharding(mesh, REPLICATED))()
-    return graphdef, params
-
-
-def init_state(cfg: Config, mesh: Mesh):
-    """(graphdef, optimizer, state) where state = {step, params, opt_state} on the mesh."""
-    graphdef, params = init_model(cfg, mesh)
     optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
-    opt_state = jax.jit(optimizer.init, out_shardings=sharding(mesh, REPLICATED))(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), sharding(mesh, REPLICATED))
-    return graphdef, optimizer, {"step": step, "params": params, "opt_state": opt_state}
+
+    def init():
+        params = create()[1]
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": optimizer.init(params)}
+
+    replicated = sharding(mesh, REPLICATED)
+    if abstract:
+        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                             jax.eval_shape(init))
+    else:
+        state = jax.jit(init, out_shardings=replicated)()
+    return graphdef, optimizer, state
 
 
 def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, on_trace: Callable = None):
@@ -120,23 +127,23 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     mesh = make_mesh(cfg.parallel, devices)
     info(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices")
 
-    graphdef, optimizer, state = init_state(cfg, mesh)
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    info(f"model: {n_params:,} parameters, "
-         f"{flops.active_matmul_params(cfg.model):,} active matmul parameters per token")
-
     data = make_iterator(cfg)
-    ckpt = None
-    start = 0
+    ckpt, latest = None, None
     if cfg.checkpoint.every > 0:
         ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
                             cfg.checkpoint.async_save)
         latest = ckpt.latest_step() if cfg.checkpoint.resume else None
-        if latest is not None:
-            state, data_state = ckpt.restore(latest, state)
-            data.set_state(data_state)
-            start = int(state["step"])
-            info(f"resumed from {ckpt.directory / str(latest)} at step {start}")
+    # Resuming restores into abstract arrays: the fresh model is never materialised.
+    graphdef, optimizer, state = init_state(cfg, mesh, abstract=latest is not None)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    info(f"model: {n_params:,} parameters, "
+         f"{flops.active_matmul_params(cfg.model):,} active matmul parameters per token")
+    start = 0
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, state)
+        data.set_state(data_state)
+        start = int(state["step"])
+        info(f"resumed from {ckpt.directory / str(latest)} at step {start}")
 
     traces = []
     step_fn = make_train_step(cfg, graphdef, optimizer, mesh, on_trace=lambda: traces.append(1))

@@ -11,7 +11,7 @@ from msmoe_jax.model import reference_ops
 from msmoe_jax.objective import loss_terms
 from msmoe_jax.parallel.mesh import BATCH, make_mesh, sharding
 from msmoe_jax.parallel.strategy import make_loss_fn
-from msmoe_jax.trainer import init_model
+from msmoe_jax.trainer import init_state
 
 
 @pytest.mark.parametrize("model", [
@@ -22,7 +22,8 @@ from msmoe_jax.trainer import init_model
 def test_dp_loss_and_grads_match_single_device(model):
     cfg = tiny_config(model=model)
     mesh = make_mesh(cfg.parallel)
-    graphdef, params = init_model(cfg, mesh)
+    graphdef, _, state = init_state(cfg, mesh)
+    params = state["params"]
     tokens = jax.random.randint(jax.random.key(0), (cfg.train.batch_size, cfg.train.seq_len + 1),
                                 0, cfg.model.vocab_size)
 
