@@ -61,9 +61,6 @@ class Checkpointer:
                 "checkpoint.resume=false or another run.dir to start afresh.") from e
         return out.state, out.data
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -223,9 +223,6 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading: YAML -> dicts -> dataclasses, with type checks naming the dotted field.
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
-
-
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:

@@ -12,7 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 from msmoe_jax.config import config_from_dict  # noqa: E402
 
@@ -37,11 +36,6 @@ def tiny_config(tmp_path=None, device_count=8, **sections):
         else:
             raw[name] = values
     return config_from_dict(raw).validate(device_count)
-
-
-@pytest.fixture
-def devices():
-    return jax.devices()
 
 
 def write_config(cfg, path):

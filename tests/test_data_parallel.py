@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from conftest import tiny_config
 from msmoe_jax.model import reference_ops

@@ -8,7 +8,7 @@ from flax import nnx
 
 from msmoe_jax.config import ModelConfig
 from msmoe_jax.model.layers import Attention, RMSNorm, SwiGLU, dtypes, normal_param
-from msmoe_jax.model.moe import MoE, RouterStats
+from msmoe_jax.model.moe import MoE
 from msmoe_jax.model.ops import LayerOps
 
 
