@@ -66,9 +66,27 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class ParallelConfig:
-    # Data-parallel size; -1 uses every device. (Sequence, tensor and expert axes come with the
-    # folded-parallelism work and slot in here.)
+    """Two views of the same devices (folded parallelism); each view's product is the device
+    count, and -1 fills in whatever the other axes of its view leave."""
+
+    # Attention view. The residual stream is split over the batch by ``data`` and along the
+    # sequence by ``sequence`` x ``tensor``.
     data: int = -1
+    sequence: int = 1  # dense FFNs and shared experts work on their own tokens over this axis
+    tensor: int = 1  # dense FFNs and shared experts are Megatron tensor-parallel over this axis
+    # How attention crosses the sequence split (sequence x tensor devices): "ulysses" swaps
+    # sequence shards for head shards with all_to_all (replicated weights); "tensor" is
+    # Megatron's tensor parallelism (all_gather the sequence, heads split with sharded weights,
+    # reduce-scatter back).
+    attention: Literal["ulysses", "tensor"] = "ulysses"
+    # Expert view.
+    expert_data: int = -1  # replicas of the experts
+    expert: int = 1  # experts split over this axis (expert parallelism)
+    expert_tensor: int = 1  # each expert's FFN width split over this axis
+    # How tokens reach their experts: all_to_all of the routed tokens, or all_gather of the
+    # layer input + reduce-scatter of the output; "auto" picks by moved bytes (all_gather when
+    # top_k >= expert).
+    dispatch: Literal["all_to_all", "all_gather", "auto"] = "auto"
 
 
 @dataclasses.dataclass
@@ -207,16 +225,10 @@ class Config:
             need(m.vocab_size >= 256, "model.vocab_size",
                  f"must be >= 256 for the byte-level stdlib corpus, got {m.vocab_size}")
 
-        p = self.parallel
-        need(p.data == -1 or p.data >= 1, "parallel.data",
-             f"must be -1 (all devices) or a positive integer, got {p.data}")
         if device_count is not None:
-            from msmoe_jax.parallel.mesh import BATCH_AXES, mesh_shape  # the mesh rules
+            from msmoe_jax.parallel.mesh import Layout  # the mesh and its rules live there
 
-            shape = mesh_shape(p, device_count)
-            dp = math.prod(shape[axis] for axis in BATCH_AXES)
-            need(t.batch_size % dp == 0, "train.batch_size",
-                 f"must be divisible by the data-parallel size {dp}, got {t.batch_size}")
+            Layout.from_config(self, device_count)
         return self
 
 

@@ -15,21 +15,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from msmoe_jax.config import ModelConfig
-from msmoe_jax.model import LayerOps, load_balancing_loss, router_z_loss
+from msmoe_jax.model import LayerOps, load_balancing_loss, reference_ops, router_z_loss
 
 
 def identity(tree):
     return tree
 
 
-def loss_terms(graphdef: nnx.GraphDef, params, tokens: jax.Array, positions: jax.Array,
-               cfg: ModelConfig, ops: LayerOps, reduce: Callable = identity):
-    """tokens: [b, s + 1] (inputs and shifted targets); positions: [s].
+def loss_terms(graphdef: nnx.GraphDef, params, inputs: jax.Array, targets: jax.Array,
+               positions: jax.Array, cfg: ModelConfig, ops: LayerOps,
+               reduce: Callable = identity):
+    """inputs, targets: [b, s] token ids (targets are the next tokens); positions: [s] global
+    positions of these tokens.
 
     Returns (loss [], metrics dict of scalars), identical on every device after ``reduce``.
     """
     model = nnx.merge(graphdef, params)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
     logits, stats = model(inputs, positions, ops)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
@@ -51,3 +52,14 @@ def loss_terms(graphdef: nnx.GraphDef, params, tokens: jax.Array, positions: jax
         )
     metrics["loss"] = loss
     return loss, metrics
+
+
+def reference_loss_fn(cfg: ModelConfig, graphdef: nnx.GraphDef, ops: LayerOps | None = None):
+    """The single-device objective: ``fn(params, tokens [b, s + 1]) -> (loss, metrics)``."""
+    ops = reference_ops(cfg.expert_compute) if ops is None else ops
+
+    def fn(params, tokens):
+        positions = jnp.arange(tokens.shape[1] - 1)
+        return loss_terms(graphdef, params, tokens[:, :-1], tokens[:, 1:], positions, cfg, ops)
+
+    return fn

@@ -23,12 +23,13 @@ from msmoe_jax.config import Config
 from msmoe_jax.data import make_iterator
 from msmoe_jax.model import Transformer
 from msmoe_jax.optim import lr_schedule, make_optimizer
-from msmoe_jax.parallel.mesh import BATCH, REPLICATED, make_mesh, sharding
-from msmoe_jax.parallel.strategy import make_loss_fn
+from msmoe_jax.parallel.mesh import REPLICATED, Layout, make_mesh, sharding
+from msmoe_jax.parallel.strategy import make_loss_fn, state_specs
 
 
-def init_state(cfg: Config, mesh: Mesh, abstract: bool = False):
-    """(graphdef, optimizer, state) where state = {step, params, opt_state} on the mesh.
+def init_state(cfg: Config, mesh: Mesh, layout: Layout, abstract: bool = False):
+    """(graphdef, optimizer, state, specs): state = {step, params, opt_state} laid out on the
+    mesh as ``specs`` (PartitionSpecs of the same structure) say.
 
     ``abstract=True`` gives ShapeDtypeStructs with the mesh's shardings instead of arrays: the
     target for restoring a checkpoint without first materialising a fresh model.
@@ -42,18 +43,22 @@ def init_state(cfg: Config, mesh: Mesh, abstract: bool = False):
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": optimizer.init(params)}
 
-    replicated = sharding(mesh, REPLICATED)
+    shapes = jax.eval_shape(init)
+    specs = state_specs(shapes, optimizer, layout)
+    shardings = jax.tree.map(lambda spec: sharding(mesh, spec), specs)
     if abstract:
-        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                             jax.eval_shape(init))
+        state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             shapes, shardings)
     else:
-        state = jax.jit(init, out_shardings=replicated)()
-    return graphdef, optimizer, state
+        state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, optimizer, state, specs
 
 
-def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, on_trace: Callable = None):
-    """A jitted ``step(state, tokens) -> (state, metrics)``; ``on_trace`` runs at each trace."""
-    loss_fn = make_loss_fn(cfg, graphdef, mesh)
+def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout, specs,
+                    on_trace: Callable = None):
+    """A jitted ``step(state, tokens) -> (state, metrics)``; ``on_trace`` runs at each trace.
+    The new state keeps the layout of ``specs``."""
+    loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
 
     def step(state, tokens):
@@ -65,7 +70,9 @@ def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, on_trace: Call
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    state_shardings = jax.tree.map(lambda spec: sharding(mesh, spec), specs)
+    return jax.jit(step, donate_argnums=0,
+                   out_shardings=(state_shardings, sharding(mesh, REPLICATED)))
 
 
 class MetricsLog:
@@ -124,8 +131,11 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    mesh = make_mesh(cfg.parallel, devices)
-    info(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices")
+    devices = list(jax.devices() if devices is None else devices)
+    layout = Layout.from_config(cfg, len(devices))
+    mesh = make_mesh(layout, devices)
+    info(f"layout: {layout.describe()}")
+    info(f"mesh {dict(mesh.shape)} over {mesh.size} {devices[0].platform} devices")
 
     data = make_iterator(cfg)
     ckpt, latest = None, None
@@ -134,7 +144,7 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
                             cfg.checkpoint.async_save)
         latest = ckpt.latest_step() if cfg.checkpoint.resume else None
     # Resuming restores into abstract arrays: the fresh model is never materialised.
-    graphdef, optimizer, state = init_state(cfg, mesh, abstract=latest is not None)
+    graphdef, optimizer, state, specs = init_state(cfg, mesh, layout, abstract=latest is not None)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     info(f"model: {n_params:,} parameters, "
          f"{flops.active_matmul_params(cfg.model):,} active matmul parameters per token")
@@ -146,8 +156,9 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
         info(f"resumed from {ckpt.directory / str(latest)} at step {start}")
 
     traces = []
-    step_fn = make_train_step(cfg, graphdef, optimizer, mesh, on_trace=lambda: traces.append(1))
-    batch_sharding = sharding(mesh, BATCH)
+    step_fn = make_train_step(cfg, graphdef, optimizer, mesh, layout, specs,
+                              on_trace=lambda: traces.append(1))
+    batch_sharding = sharding(mesh, layout.batch)
     flops_per_token = flops.train_flops_per_token(cfg.model, cfg.train.seq_len)
     peak = flops.peak_flops_per_device(cfg.run.peak_tflops)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -195,4 +206,4 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
         if ckpt is not None:
             ckpt.close()
     return {"history": history, "traces": len(traces), "start_step": start, "state": state,
-            "mesh": mesh}
+            "mesh": mesh, "layout": layout}

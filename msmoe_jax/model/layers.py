@@ -13,8 +13,12 @@ from flax import nnx
 from msmoe_jax.config import ModelConfig
 
 
-def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype,
+                 axes: tuple[str, ...]) -> nnx.Param:
+    """A normal(0, std) parameter tagged with its logical axes (which the parallel layout maps
+    to mesh axes; see ``parallel/mesh.py``)."""
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
 
 
 def dtypes(cfg: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
@@ -24,7 +28,7 @@ def dtypes(cfg: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,22 +68,25 @@ class Attention(nnx.Module):
         self.dtype, pdt = dtypes(cfg)
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-        self.wq = normal_param(rngs, (d, h, hd), cfg.init_std, pdt)
-        self.wk = normal_param(rngs, (d, kv, hd), cfg.init_std, pdt)
-        self.wv = normal_param(rngs, (d, kv, hd), cfg.init_std, pdt)
-        self.wo = normal_param(rngs, (h, hd, d), out_std, pdt)
+        self.wq = normal_param(rngs, (d, h, hd), cfg.init_std, pdt, ("embed", "heads", "head_dim"))
+        self.wk = normal_param(rngs, (d, kv, hd), cfg.init_std, pdt,
+                               ("embed", "kv_heads", "head_dim"))
+        self.wv = normal_param(rngs, (d, kv, hd), cfg.init_std, pdt,
+                               ("embed", "kv_heads", "head_dim"))
+        self.wo = normal_param(rngs, (h, hd, d), out_std, pdt, ("heads", "head_dim", "embed"))
         self.rope_theta = cfg.rope_theta
 
-    def __call__(self, x: jax.Array, positions: jax.Array, attention_fn=causal_attention):
-        """x: [b, s, d] -> [b, s, d]."""
+    def __call__(self, x: jax.Array, positions: jax.Array, ops):
+        """x: [b, s, d]; positions: [s] -> [b, s, d]. ``ops``: LayerOps."""
+        x, positions = ops.attention_in(x, positions)
         c = lambda p: p[...].astype(self.dtype)
         q = jnp.einsum("bsd,dhk->bshk", x, c(self.wq))
         k = jnp.einsum("bsd,dhk->bshk", x, c(self.wk))
         v = jnp.einsum("bsd,dhk->bshk", x, c(self.wv))
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
-        o = attention_fn(q, k, v)
-        return jnp.einsum("bshk,hkd->bsd", o, c(self.wo))
+        o = ops.attention(q, k, v)
+        return ops.attention_out(jnp.einsum("bshk,hkd->bsd", o, c(self.wo)))
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
@@ -93,9 +100,9 @@ class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, d_ff: int, rngs: nnx.Rngs):
         self.dtype, pdt = dtypes(cfg)
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-        self.w_gate = normal_param(rngs, (cfg.d_model, d_ff), cfg.init_std, pdt)
-        self.w_up = normal_param(rngs, (cfg.d_model, d_ff), cfg.init_std, pdt)
-        self.w_down = normal_param(rngs, (d_ff, cfg.d_model), out_std, pdt)
+        self.w_gate = normal_param(rngs, (cfg.d_model, d_ff), cfg.init_std, pdt, ("embed", "mlp"))
+        self.w_up = normal_param(rngs, (cfg.d_model, d_ff), cfg.init_std, pdt, ("embed", "mlp"))
+        self.w_down = normal_param(rngs, (d_ff, cfg.d_model), out_std, pdt, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c = lambda p: p[...].astype(self.dtype)

@@ -39,7 +39,9 @@ class ExpertWeights(NamedTuple):
     w_down: jax.Array  # [E, f, d]
 
 
-ExpertsFn = Callable[[jax.Array, jax.Array, jax.Array, ExpertWeights, "int | None"],
+# (x [T, d], expert_idx [T, k], gates [T, k], weights, capacity_factor or None for dropless)
+#   -> (y [T, d], dropped []). The function computes the capacity from the tokens it pools.
+ExpertsFn = Callable[[jax.Array, jax.Array, jax.Array, ExpertWeights, "float | None"],
                      tuple[jax.Array, jax.Array]]
 
 
@@ -94,6 +96,7 @@ class SortedAssignments(NamedTuple):
     """Token-to-expert assignments sorted by expert. A = T * k assignments."""
 
     token: jax.Array  # [A] source token of the j-th sorted assignment
+    slot: jax.Array  # [A] which of the token's k choices it is
     expert: jax.Array  # [A] its expert (non-decreasing)
     rank: jax.Array  # [A] its position among the assignments to that expert
     counts: jax.Array  # [E] assignments per expert
@@ -116,7 +119,42 @@ def sort_by_expert(expert_idx: jax.Array, num_experts: int) -> SortedAssignments
     starts = jnp.cumsum(counts) - counts
     rank = jnp.arange(t * k) - starts[expert]
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(t * k))
-    return SortedAssignments(order % t, expert, rank, counts, starts, unsort)
+    return SortedAssignments(order % t, order // t, expert, rank, counts, starts, unsort)
+
+
+def pack(x: jax.Array, s: SortedAssignments, keep: jax.Array, cap: int,
+         first_expert=0, num_experts: int | None = None) -> jax.Array:
+    """Gathers token rows into per-expert buffers: slot c of expert e holds the sorted
+    assignment ``starts[e] + c`` if it exists and is kept, else zeros.
+
+    x: [T, d]; keep: [A]. Returns [num_experts, cap, d] for experts ``first_expert + i``
+    (default: all experts).
+    """
+    num_experts = s.counts.shape[0] if num_experts is None else num_experts
+    experts = first_expert + jnp.arange(num_experts)
+    pos = s.starts[experts][:, None] + jnp.arange(cap)[None, :]  # [E', C]
+    pos = jnp.clip(pos, 0, s.token.shape[0] - 1)
+    valid = (jnp.arange(cap)[None, :] < s.counts[experts][:, None]) & keep[pos]
+    return jnp.where(valid[..., None], x[s.token[pos]], 0)
+
+
+def expert_ffn(buf: jax.Array, w: ExpertWeights) -> jax.Array:
+    """SwiGLU of each expert on its buffer: [E, C, d] -> [E, C, d] (weights [E, d, f])."""
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w.w_gate)) * jnp.einsum(
+        "ecd,edf->ecf", buf, w.w_up)
+    return jnp.einsum("ecf,efd->ecd", h, w.w_down)
+
+
+def unpack(out: jax.Array, s: SortedAssignments, keep: jax.Array, gates: jax.Array,
+           first_expert=0) -> jax.Array:
+    """Inverse of ``pack`` followed by the gate-weighted sum over each token's k choices.
+
+    out: [E', C, d] buffers of experts ``first_expert + i``; keep: [A] (False for assignments
+    not in these buffers or dropped). Returns [T, d].
+    """
+    e_local = jnp.clip(s.expert - first_expert, 0, out.shape[0] - 1)
+    y_sorted = out[e_local, jnp.minimum(s.rank, out.shape[1] - 1)]  # [A, d]
+    return _combine(y_sorted, keep, s, gates)
 
 
 def _combine(y_sorted: jax.Array, keep: jax.Array, s: SortedAssignments, gates: jax.Array):
@@ -130,37 +168,38 @@ def _combine(y_sorted: jax.Array, keep: jax.Array, s: SortedAssignments, gates: 
     return jnp.einsum("ktd,tk->td", y.astype(jnp.float32), gates).astype(y_sorted.dtype)
 
 
-def experts_padded(x, expert_idx, gates, w: ExpertWeights, capacity: int | None):
+def _capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None):
+    return None if capacity_factor is None else expert_capacity(tokens, top_k, num_experts,
+                                                                capacity_factor)
+
+
+def experts_padded(x, expert_idx, gates, w: ExpertWeights, capacity_factor: float | None):
     """Experts as a dense einsum over per-expert buffers [E, C, d].
 
-    x: [T, d]; expert_idx, gates: [T, k]; capacity None means dropless (C = T, the most any
-    expert can receive since a token's k experts are distinct). Returns (y [T, d], dropped []).
+    x: [T, d]; expert_idx, gates: [T, k]; capacity_factor None means dropless (C = T, the most
+    any expert can receive since a token's k experts are distinct); otherwise the capacity is
+    ``expert_capacity`` of these T tokens. Returns (y [T, d], dropped []).
     """
-    t, _ = x.shape
+    t, k = expert_idx.shape
     num_experts = w.w_gate.shape[0]
+    capacity = _capacity(t, k, num_experts, capacity_factor)
     cap = t if capacity is None else capacity
     s = sort_by_expert(expert_idx, num_experts)
-    # Gather rows into the buffer: slot c of expert e holds sorted assignment starts[e] + c.
-    slot = s.starts[:, None] + jnp.arange(cap)[None, :]  # [E, C]
-    valid = jnp.arange(cap)[None, :] < s.counts[:, None]
-    src = s.token[jnp.clip(slot, 0, t * gates.shape[1] - 1)]
-    buf = jnp.where(valid[..., None], x[src], 0)  # [E, C, d]
-    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w.w_gate)) * jnp.einsum(
-        "ecd,edf->ecf", buf, w.w_up)
-    out = jnp.einsum("ecf,efd->ecd", h, w.w_down)  # [E, C, d]
     keep = s.rank < cap
-    y_sorted = out[s.expert, jnp.minimum(s.rank, cap - 1)]  # [A, d]
+    out = expert_ffn(pack(x, s, keep, cap), w)
     dropped = jnp.sum(jnp.maximum(s.counts - cap, 0)).astype(jnp.float32)
-    return _combine(y_sorted, keep, s, gates), dropped
+    return unpack(out, s, keep, gates), dropped
 
 
-def experts_ragged(x, expert_idx, gates, w: ExpertWeights, capacity: int | None):
+def experts_ragged(x, expert_idx, gates, w: ExpertWeights, capacity_factor: float | None):
     """Experts as grouped GEMMs (``jax.lax.ragged_dot``) over expert-sorted rows.
 
     Same contract as ``experts_padded``. Under a capacity limit the overflow rows are still
     multiplied (shapes are static) but masked out of the result and counted as dropped.
     """
+    t, k = expert_idx.shape
     num_experts = w.w_gate.shape[0]
+    capacity = _capacity(t, k, num_experts, capacity_factor)
     s = sort_by_expert(expert_idx, num_experts)
     xs = x[s.token]  # [A, d]
     gs = s.counts.astype(jnp.int32)
@@ -190,28 +229,29 @@ class MoE(nnx.Module):
         self.dtype, pdt = dtypes(cfg)
         e, d, f = cfg.num_experts, cfg.d_model, cfg.moe_d_ff
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-        self.router = normal_param(rngs, (d, e), cfg.init_std, pdt)
-        self.w_gate = normal_param(rngs, (e, d, f), cfg.init_std, pdt)
-        self.w_up = normal_param(rngs, (e, d, f), cfg.init_std, pdt)
-        self.w_down = normal_param(rngs, (e, f, d), out_std, pdt)
+        self.router = normal_param(rngs, (d, e), cfg.init_std, pdt, ("embed", "router"))
+        self.w_gate = normal_param(rngs, (e, d, f), cfg.init_std, pdt,
+                                   ("experts", "embed", "expert_mlp"))
+        self.w_up = normal_param(rngs, (e, d, f), cfg.init_std, pdt,
+                                 ("experts", "embed", "expert_mlp"))
+        self.w_down = normal_param(rngs, (e, f, d), out_std, pdt,
+                                   ("experts", "expert_mlp", "embed"))
         self.shared = (SwiGLU(cfg, cfg.num_shared_experts * cfg.resolved_shared_d_ff, rngs)
                        if cfg.num_shared_experts else None)
         self.top_k = cfg.top_k
         self.renormalize = cfg.renormalize_topk
         self.capacity_factor = cfg.capacity_factor if cfg.moe_mode == "capacity" else None
 
-    def __call__(self, x: jax.Array, experts_fn: ExpertsFn) -> tuple[jax.Array, RouterStats]:
-        """x: [b, s, d] -> ([b, s, d], RouterStats over these b*s tokens)."""
+    def __call__(self, x: jax.Array, ops) -> tuple[jax.Array, RouterStats]:
+        """x: [b, s, d] -> ([b, s, d], RouterStats over these b*s tokens). ``ops``: LayerOps."""
         b, s, d = x.shape
         xt = x.reshape(b * s, d)
         logits = xt.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
         gates, idx, stats = route_topk(logits, self.top_k, self.renormalize)
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(b * s, self.top_k, logits.shape[-1], self.capacity_factor)
         c = lambda p: p[...].astype(self.dtype)
         weights = ExpertWeights(c(self.w_gate), c(self.w_up), c(self.w_down))
-        y, dropped = experts_fn(xt, idx, gates, weights, capacity)
+        y, dropped = ops.experts(xt, idx, gates, weights, self.capacity_factor)
+        y = y.reshape(b, s, d)
         if self.shared is not None:
-            y = y + self.shared(xt)
-        return y.reshape(b, s, d), stats._replace(dropped=dropped)
+            y = y + ops.ffn_out(self.shared(ops.ffn_in(x)))
+        return y, stats._replace(dropped=dropped)

@@ -24,23 +24,25 @@ class Block(nnx.Module):
         self.is_moe = moe
 
     def __call__(self, x, positions, ops: LayerOps):
-        x = x + self.attn(self.attn_norm(x), positions, ops.attention)
+        x = x + self.attn(self.attn_norm(x), positions, ops)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, stats = self.ffn(h, ops.experts)
+            y, stats = self.ffn(h, ops)
             return x + y, stats
-        return x + self.ffn(h), None
+        return x + ops.ffn_out(self.ffn(ops.ffn_in(h))), None
 
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.dtype, pdt = dtypes(cfg)
-        self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, pdt)
+        self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, pdt,
+                                  ("vocab", "embed"))
         self.blocks = nnx.List(
             [Block(cfg, moe=i >= cfg.num_dense_layers, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         self.lm_head = (None if cfg.tie_embeddings else
-                        normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt))
+                        normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt,
+                                     ("embed", "vocab")))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, ops: LayerOps = LayerOps()):
         """tokens: [b, s] int; positions: [s] global positions of these tokens.

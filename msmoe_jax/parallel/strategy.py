@@ -1,40 +1,89 @@
-"""Wraps the per-device objective in ``shard_map`` over the mesh (data parallelism).
+"""Chooses the parallel implementation once from the config and wraps the model in it.
+
+``make_ops`` picks the collective-aware pieces of a layer for the layout; ``make_loss_fn`` runs
+the per-device objective under one ``shard_map`` over the folded mesh; ``state_specs`` gives
+every parameter and optimizer-state leaf its PartitionSpec from the parameters' logical axes.
 
 Routing and permutation run per device inside ``shard_map``: under plain ``jit`` with a sharded
-batch, XLA partitions the argsort/gather/scatter of the router globally, which was ~7x slower
-on 8 simulated devices with identical losses.
+batch XLA partitions the router's argsort/gather/scatter globally, ~7x slower on 8 simulated
+devices with identical losses.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from msmoe_jax.config import Config
-from msmoe_jax.model import reference_ops
+from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.objective import loss_terms
-from msmoe_jax.parallel.mesh import BATCH, BATCH_AXES, REPLICATED
+from msmoe_jax.parallel.attention import (gather_sequence, gather_tokens, scatter_tokens,
+                                          tensor_attention, ulysses_attention)
+from msmoe_jax.parallel.experts import experts_all_gather, experts_all_to_all
+from msmoe_jax.parallel.mesh import REPLICATED, Layout
 
 
-def psum_batch(tree):
-    """Sums every leaf over the batch axes. Shapes unchanged; results replicated."""
-    return jax.lax.psum(tree, BATCH_AXES)
+def make_ops(cfg: Config, layout: Layout) -> LayerOps:
+    """The LayerOps for ``layout``: per-device pieces that communicate over its mesh axes."""
+    size = layout.sizes
+    seq, n_seq = layout.seq_axes, size["sequence"] * size["tensor"]
+    tensor = layout.axes["tensor"]
+    if layout.attention == "ulysses":
+        attention = dict(attention=ulysses_attention(seq, n_seq))
+    else:
+        kv_sharded = layout.num_kv_heads % n_seq == 0
+        attention = dict(attention_in=gather_sequence(seq),
+                         attention=tensor_attention(seq, n_seq, kv_sharded),
+                         attention_out=scatter_tokens(seq))
+    expert, et = layout.axes["expert"], layout.axes["expert_tensor"]
+    if size["expert"] == 1 and size["expert_tensor"] == 1:
+        experts = local_experts(cfg.model.expert_compute)
+    else:
+        make = experts_all_to_all if layout.dispatch == "all_to_all" else experts_all_gather
+        experts = make(expert, size["expert"], et, size["expert_tensor"])
+    return LayerOps(**attention, ffn_in=gather_tokens(tensor), ffn_out=scatter_tokens(tensor),
+                    experts=experts)
 
 
-def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh):
-    """Returns ``loss_fn(params, tokens) -> (loss, metrics)``.
+def param_specs(params, layout: Layout):
+    """PartitionSpecs with the structure of ``params`` (an nnx.State of tagged Params)."""
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    return jax.tree.map(lambda v: jax.tree.map(lambda _: layout.param_spec(v.axes), v),
+                        params, is_leaf=is_var)
 
-    params: replicated on the mesh; tokens: [batch, seq_len + 1] sharded over the batch axes.
-    Differentiating it outside gives the gradient of the global-batch loss (shard_map's
-    transpose sums the replicated parameters' cotangents over devices).
+
+def state_specs(state, optimizer: optax.GradientTransformation, layout: Layout):
+    """PartitionSpecs for the train state {step, params, opt_state}: optimizer moments follow
+    their parameters, counters are replicated."""
+    specs = param_specs(state["params"], layout)
+    opt = optax.tree_map_params(optimizer, lambda _, spec: spec, state["opt_state"], specs,
+                                transform_non_params=lambda _: REPLICATED)
+    return {"step": REPLICATED, "params": specs, "opt_state": opt}
+
+
+def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout, specs):
+    """Returns ``loss_fn(params, tokens) -> (loss, metrics)``, to be called under ``jit``.
+
+    params: laid out by ``specs`` (``param_specs``); tokens: [batch, seq_len + 1].
+    Differentiating it outside gives the gradient of the global-batch loss: shard_map's
+    transpose sums each parameter's cotangent over the devices it is replicated on.
     """
-    ops = reference_ops(cfg.model.expert_compute)
-    positions = jnp.arange(cfg.train.seq_len)
+    ops = make_ops(cfg, layout)
 
-    def per_device(params, tokens):
-        return loss_terms(graphdef, params, tokens, positions, cfg.model, ops, reduce=psum_batch)
+    def per_device(params, inputs, targets, positions):
+        reduce = lambda tree: jax.lax.psum(tree, layout.all_axes)
+        return loss_terms(graphdef, params, inputs, targets, positions, cfg.model, ops, reduce)
 
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(REPLICATED, BATCH),
-                         out_specs=(REPLICATED, REPLICATED))
+    sharded = jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(specs, layout.tokens, layout.tokens, layout.positions),
+        out_specs=(REPLICATED, REPLICATED))
+
+    def loss_fn(params, tokens):
+        positions = jnp.arange(tokens.shape[1] - 1)
+        return sharded(params, tokens[:, :-1], tokens[:, 1:], positions)
+
+    return loss_fn

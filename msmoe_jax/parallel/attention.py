@@ -1,0 +1,70 @@
+"""Attention and dense FFNs across the sequence split (inside ``shard_map``).
+
+Between layers every device holds ``[b, s/n, d]``: a slice of the sequence, n = sequence x
+tensor devices (the attention group). Two ways to run attention on it:
+
+* Ulysses (DeepSpeed-Ulysses, as in MegaScale-MoE): Q/K/V for the local slice with replicated
+  weights, one all_to_all to ``[b, s, h/n, hd]``, causal attention on full sequences for the
+  local heads, one all_to_all back to ``[b, s/n, h, hd]``, output projection locally.
+* Tensor (Megatron with sequence parallelism): all_gather the slice to ``[b, s, d]``,
+  column-parallel Q/K/V for the local heads, row-parallel output projection, reduce-scatter
+  back to ``[b, s/n, d]``.
+
+Dense FFNs and shared experts are tensor-parallel over the ``tensor`` axis the same way.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from msmoe_jax.model.layers import causal_attention
+from msmoe_jax.parallel import collectives as C
+
+
+def ulysses_attention(axes: C.Axes, n: int):
+    """Attention core for sequence shards. q: [b, s/n, h, hd]; k, v: [b, s/n, kv, hd]
+    -> [b, s/n, h, hd]. Needs h % n == 0 and kv dividing or divisible by n."""
+
+    def attention(q, k, v):
+        kv = k.shape[2]
+        if kv % n:  # fewer KV heads than devices: repeat each so every device gets its group's
+            k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
+        q, k, v = (C.seq_to_heads(a, axes) for a in (q, k, v))
+        return C.heads_to_seq(causal_attention(q, k, v), axes)
+
+    return attention
+
+
+def tensor_attention(axes: C.Axes, n: int, kv_sharded: bool):
+    """Attention core for local heads on full sequences. q: [b, s, h/n, hd]; k, v hold kv/n
+    local heads when ``kv_sharded``, else all kv heads (replicated weights, kv < n), of which
+    this device's query heads use one."""
+
+    def attention(q, k, v):
+        if not kv_sharded and n > 1:
+            head = C.index(axes) * k.shape[2] // n
+            k = jax.lax.dynamic_slice_in_dim(k, head, 1, axis=2)
+            v = jax.lax.dynamic_slice_in_dim(v, head, 1, axis=2)
+        return causal_attention(q, k, v)
+
+    return attention
+
+
+def gather_sequence(axes: C.Axes):
+    """Entry of a tensor-parallel block: (x [b, s/n, d], positions [s/n]) -> ([b, s, d], [s])."""
+
+    def attention_in(x, positions):
+        return C.gather(x, axes, axis=1), C.gather(positions, axes, axis=0)
+
+    return attention_in
+
+
+def gather_tokens(axes: C.Axes):
+    """[b, s/n, d] -> [b, s, d] (entry of a tensor-parallel FFN)."""
+    return lambda x: C.gather(x, axes, axis=1)
+
+
+def scatter_tokens(axes: C.Axes):
+    """[b, s, d] partial sums -> [b, s/n, d] summed (exit of a tensor-parallel block)."""
+    return lambda x: C.reduce_scatter(x, axes, axis=1)

@@ -1,0 +1,58 @@
+"""Collectives used inside ``shard_map``: small pure functions over a group of mesh axes.
+
+``axes`` is a tuple of mesh axis names (a view axis, see ``mesh.py``); devices in the group are
+ordered row-major over it, the same order PartitionSpecs use. ``n`` is the group's size. With
+an empty tuple every function is the identity, so callers need no special case for size 1.
+"""
+
+from __future__ import annotations
+
+import jax
+
+Axes = tuple[str, ...]
+
+
+def seq_to_heads(x: jax.Array, axes: Axes) -> jax.Array:
+    """Ulysses forward exchange: [b, s/n, h, d] -> [b, s, h/n, d]."""
+    if not axes:
+        return x
+    return jax.lax.all_to_all(x, axes, split_axis=2, concat_axis=1, tiled=True)
+
+
+def heads_to_seq(x: jax.Array, axes: Axes) -> jax.Array:
+    """Ulysses backward exchange: [b, s, h/n, d] -> [b, s/n, h, d]."""
+    if not axes:
+        return x
+    return jax.lax.all_to_all(x, axes, split_axis=1, concat_axis=2, tiled=True)
+
+
+def gather(x: jax.Array, axes: Axes, axis: int) -> jax.Array:
+    """all_gather along ``axis``: [..., m, ...] -> [..., n*m, ...] (shard i at block i)."""
+    if not axes:
+        return x
+    return jax.lax.all_gather(x, axes, axis=axis, tiled=True)
+
+
+def reduce_scatter(x: jax.Array, axes: Axes, axis: int) -> jax.Array:
+    """Sum over the group, then keep block i along ``axis``: [..., n*m, ...] -> [..., m, ...]."""
+    if not axes:
+        return x
+    return jax.lax.psum_scatter(x, axes, scatter_dimension=axis, tiled=True)
+
+
+def exchange(x: jax.Array, axes: Axes) -> jax.Array:
+    """Expert-parallel all_to_all along axis 0: [n*m, ...] -> [n*m, ...].
+
+    Block j of the input (rows j*m..(j+1)*m) goes to device j; block j of the output came
+    from device j.
+    """
+    if not axes:
+        return x
+    return jax.lax.all_to_all(x, axes, split_axis=0, concat_axis=0, tiled=True)
+
+
+def index(axes: Axes) -> jax.Array:
+    """This device's position in the group (0 for an empty group)."""
+    if not axes:
+        return jax.numpy.zeros((), jax.numpy.int32)
+    return jax.lax.axis_index(axes)

@@ -1,0 +1,99 @@
+"""Expert-parallel experts functions (inside ``shard_map``), same contract as ``ExpertsFn``.
+
+Each device holds E/n experts (n = ``expert`` devices; expert j*E/n + l is local expert l of
+device j), each with 1/m of its FFN width (m = ``expert_tensor`` devices). The tokens that meet
+one set of experts (the *EP group*: the expert x expert_tensor devices that share an
+expert_data index) are pooled for capacity: an expert takes at most
+``expert_capacity(group tokens)`` assignments, first choices before second choices, then in
+group order (by expert index, then expert_tensor index, then local token order); that is the
+single-device rule applied to the group's tokens in that order. Dropped assignments are counted
+once per group.
+
+Two dispatch modes:
+
+* ``all_to_all``: sort the local assignments by expert into per-expert buffers [E, C, d]
+  (``pack``), send block j to device j, run the local experts on what arrived from every
+  device, and send the results back. The padded buffers hold the worst case (C = local tokens
+  when dropless), because CPU has no ``ragged_all_to_all``.
+* ``all_gather``: all_gather the group's tokens, run the local experts on the rows routed to
+  them, weight by the gates, and reduce-scatter the partial outputs back to their owners. It
+  moves T*(n-1) rows instead of ~T*k*(n-1)/n, so it pays when top_k is large.
+
+With expert_tensor m > 1 the local tokens are first gathered over the m devices, each computes
+its slice of the FFN width, and the partial outputs are reduce-scattered back.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from msmoe_jax.model.moe import (ExpertWeights, expert_capacity, expert_ffn, pack,
+                                 sort_by_expert, unpack)
+from msmoe_jax.parallel import collectives as C
+
+
+def group_rank(expert_idx: jax.Array, s, num_experts: int, axes: C.Axes) -> jax.Array:
+    """Rank of each sorted assignment among all the EP group's assignments to its expert, in
+    (slot, device, token) order. expert_idx: [T, k] local; returns [A] (A = T * k)."""
+    k = expert_idx.shape[1]
+    counts = jnp.zeros((k, num_experts), jnp.int32).at[s.slot, s.expert].add(1)  # [k, E]
+    every = C.gather(counts[None], axes, axis=0)  # [n, k, E]
+    before_device = (jnp.cumsum(every, axis=0) - every)[C.index(axes)]  # [k, E]
+    total = jnp.sum(every, axis=0)
+    before_slot = jnp.cumsum(total, axis=0) - total  # [k, E]: earlier slots, all devices
+    local_before_slot = jnp.cumsum(counts, axis=0) - counts
+    within = s.rank - local_before_slot[s.slot, s.expert]  # rank within (slot, expert) here
+    return before_slot[s.slot, s.expert] + before_device[s.slot, s.expert] + within
+
+
+def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int):
+    """ExpertsFn with all_to_all dispatch over ``expert_axes`` (n devices)."""
+
+    def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
+        x, expert_idx, gates = (C.gather(a, tensor_axes, axis=0) for a in (x, expert_idx, gates))
+        t, k = expert_idx.shape
+        num_experts = w.w_gate.shape[0] * n
+        s = sort_by_expert(expert_idx, num_experts)
+        if capacity_factor is None:
+            cap, keep = t, jnp.ones_like(s.rank, bool)
+        else:
+            capacity = expert_capacity(t * n, k, num_experts, capacity_factor)
+            keep = group_rank(expert_idx, s, num_experts, expert_axes) < capacity
+            cap = min(t, capacity)  # one device can fill an expert's whole capacity
+        buf = pack(x, s, keep, cap)  # [E, C, d]
+        recv = C.exchange(buf, expert_axes)  # [n * E/n, C, d]: block j came from device j
+        e_local = num_experts // n
+        rows = recv.reshape(n, e_local, cap, -1).transpose(1, 0, 2, 3).reshape(e_local, n * cap, -1)
+        out = expert_ffn(rows, w)  # [E/n, n*C, d], partial over expert_tensor
+        out = out.reshape(e_local, n, cap, -1).transpose(1, 0, 2, 3).reshape(num_experts, cap, -1)
+        y = unpack(C.exchange(out, expert_axes), s, keep, gates)  # [T*m, d]
+        y = C.reduce_scatter(y, tensor_axes, axis=0)
+        dropped = jnp.sum(~keep).astype(jnp.float32) / m  # the m devices count the same drops
+        return y, dropped
+
+    return experts
+
+
+def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int):
+    """ExpertsFn with all_gather / reduce-scatter dispatch over the EP group."""
+    group = expert_axes + tensor_axes  # gather order: expert index, then expert_tensor index
+
+    def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
+        x, expert_idx, gates = (C.gather(a, group, axis=0) for a in (x, expert_idx, gates))
+        t, k = expert_idx.shape
+        e_local = w.w_gate.shape[0]
+        num_experts = e_local * n
+        s = sort_by_expert(expert_idx, num_experts)
+        cap = t if capacity_factor is None else expert_capacity(t, k, num_experts,
+                                                                capacity_factor)
+        first = C.index(expert_axes) * e_local
+        mine = (s.expert >= first) & (s.expert < first + e_local)
+        keep = mine & (s.rank < cap)
+        out = expert_ffn(pack(x, s, keep, cap, first, e_local), w)  # [E/n, C, d]
+        y = C.reduce_scatter(unpack(out, s, keep, gates, first), group, axis=0)
+        counts = jax.lax.dynamic_slice_in_dim(s.counts, first, e_local)
+        dropped = jnp.sum(jnp.maximum(counts - cap, 0)).astype(jnp.float32) / m
+        return y, dropped
+
+    return experts
