@@ -37,7 +37,8 @@ def test_bad_overrides():
 
 def test_mesh_size_must_match_devices():
     assert_clean_error(run_cli("--set", "parallel.data=3"), 2,
-                       "parallel.data", "3 devices but 8 are available")
+                       "parallel.data x parallel.sequence x parallel.tensor: 3 x 1 x 1 = 3",
+                       "there are 8 devices")
 
 
 def test_corrupt_checkpoint_directory(tmp_path):

@@ -46,9 +46,20 @@ def test_load_config_file_and_default_yaml(tmp_path):
     ({}, ["model.num_dense_layers=3"], r"model\.num_dense_layers: must be between 0 and model\.num_layers=2"),
     ({}, ["model.capacity_factor=0"], r"model\.capacity_factor: must be > 0"),
     ({}, ["train.batch_size=0"], r"train\.batch_size: must be a positive integer"),
-    ({}, ["train.batch_size=12"], r"train\.batch_size: must be divisible by the data-parallel size 8"),
-    ({}, ["parallel.data=4"], r"parallel\.data: the mesh \(data=4\) has 4 devices but 8 are available"),
-    ({}, ["parallel.data=0"], r"parallel\.data: must be -1"),
+    ({}, ["train.batch_size=12"], r"train\.batch_size: must be divisible by parallel\.data=8"),
+    ({}, ["parallel.data=4"], r"parallel\.data x parallel\.sequence x parallel\.tensor: 4 x 1 x 1 = 4 but there are 8 devices"),
+    ({}, ["parallel.data=0"], r"parallel\.data: must be a positive integer or -1"),
+    ({}, ["parallel.expert=3"], r"parallel\.expert_data: cannot fill 8 devices"),
+    ({}, ["parallel.expert_data=2", "parallel.expert=2"], r"parallel\.expert_data x parallel\.expert x parallel\.expert_tensor: 2 x 2 x 1 = 4"),
+    ({}, ["parallel.data=-1", "parallel.sequence=-1"], r"parallel\.sequence: only one axis per view may be -1"),
+    ({}, ["parallel.dispatch=ring"], r"parallel\.dispatch: expected one of 'all_to_all', 'all_gather', 'auto'"),
+    ({}, ["parallel.attention=ring"], r"parallel\.attention: expected one of 'ulysses', 'tensor'"),
+    ({}, ["parallel.sequence=8", "model.num_heads=4", "model.num_kv_heads=2"], r"model\.num_heads: must be divisible by parallel\.sequence x parallel\.tensor = 8"),
+    ({}, ["parallel.sequence=4", "train.seq_len=30"], r"train\.seq_len: must be divisible by parallel\.sequence x parallel\.tensor = 4"),
+    ({}, ["parallel.sequence=4", "model.num_heads=12", "model.num_kv_heads=6", "model.d_model=48"], r"model\.num_kv_heads: must divide or be a multiple of"),
+    ({}, ["parallel.expert=8", "model.num_experts=12"], r"model\.num_experts: must be divisible by parallel\.expert=8"),
+    ({}, ["parallel.expert_tensor=8", "model.moe_d_ff=20"], r"model\.moe_d_ff: must be divisible by parallel\.expert_tensor=8"),
+    ({}, ["parallel.tensor=8", "model.num_heads=8", "model.num_dense_layers=1", "model.d_ff=60"], r"model\.d_ff: must be divisible by parallel\.tensor=8"),
     ({}, ["data.source=tokens"], r"data\.path: is required"),
     ({}, ["data.source=tokens", "data.path=/nonexistent.bin"], r"data\.path: no such file"),
     ({}, ["data.path=/x.bin"], r"data\.path: only used with data\.source='tokens'"),
@@ -72,3 +83,28 @@ def test_validation_messages(raw, overrides, match):
 def test_bad_overrides(text, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"seed": 1}, [text])
+
+
+def test_views_that_do_not_nest_cannot_fold():
+    check({}, ["parallel.tensor=3", "parallel.expert=4"], device_count=12,
+          match=r"parallel: the views .* cannot be folded onto one mesh")
+
+
+@pytest.mark.parametrize("overrides,mesh,dispatch", [
+    ([], {"data:expert_data": 8}, "all_to_all"),
+    (["parallel.data=2", "parallel.sequence=4", "parallel.expert=4"],
+     {"data:expert_data": 2, "sequence:expert": 4}, "all_to_all"),
+    (["parallel.sequence=4", "parallel.expert=8", "model.num_experts=8"],
+     {"data:expert": 2, "sequence:expert": 4}, "all_to_all"),
+    (["parallel.tensor=2", "parallel.sequence=2", "parallel.expert=4", "model.top_k=4"],
+     {"data:expert_data": 2, "sequence:expert": 2, "tensor:expert": 2}, "all_gather"),
+    (["parallel.expert=2", "parallel.expert_tensor=2"],
+     {"data:expert_data": 2, "data:expert": 2, "data:expert_tensor": 2}, "all_gather"),
+])
+def test_folded_mesh_axes(overrides, mesh, dispatch):
+    from msmoe_jax.parallel.mesh import Layout
+    cfg = config_from_dict({}, overrides)
+    layout = Layout.from_config(cfg.validate(8), 8)
+    assert dict(layout.mesh_axes) == mesh
+    assert layout.dispatch == dispatch
+    assert layout.sizes["data"] * layout.sizes["sequence"] * layout.sizes["tensor"] == 8

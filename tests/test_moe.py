@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from msmoe_jax.config import ModelConfig
+from msmoe_jax.model import LayerOps
 from msmoe_jax.model.moe import MoE, expert_capacity, experts_padded, experts_ragged
 
 IMPLS = {"padded": experts_padded, "ragged_dot": experts_ragged}
@@ -66,7 +67,7 @@ def test_moe_block_matches_loop_reference(impl, mode, shared, renorm):
     graphdef, state = nnx.split(module)
 
     def ours(state, x):
-        y, stats = nnx.merge(graphdef, state)(x, IMPLS[impl])
+        y, stats = nnx.merge(graphdef, state)(x, LayerOps(experts=IMPLS[impl]))
         return jnp.sum(y * cot), (y, stats)
 
     (_, (y, stats)), (g_state, g_x) = jax.value_and_grad(ours, argnums=(0, 1), has_aux=True)(
@@ -104,8 +105,8 @@ def test_bf16_compute_close_to_fp32():
     m32 = MoE(ModelConfig(**base, dtype="float32"), nnx.Rngs(0))
     m16 = MoE(ModelConfig(**base, dtype="bfloat16"), nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 16, 32))
-    y32, _ = m32(x, experts_padded)
-    y16, _ = m16(x.astype(jnp.bfloat16), experts_padded)
+    y32, _ = m32(x, LayerOps(experts=experts_padded))
+    y16, _ = m16(x.astype(jnp.bfloat16), LayerOps(experts=experts_padded))
     assert y16.dtype == jnp.bfloat16 and m16.w_gate[...].dtype == jnp.float32
     scale = float(jnp.max(jnp.abs(y32)))
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.03 * scale)

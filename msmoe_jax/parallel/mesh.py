@@ -51,8 +51,10 @@ def _fill(sizes: dict[str, int], view: tuple[str, ...], n: int) -> dict[str, int
                               f"its view ({_product(sizes, view)}) do not divide {n}")
         sizes[free[0]] = n // known
     elif known != n:
-        raise ConfigError(f"parallel: {_product(sizes, view)} = {known} must equal the device "
-                          f"count {n} (set one of {', '.join(view)} to -1 to fill it)")
+        fields = " x ".join(f"parallel.{a}" for a in view)
+        values = " x ".join(str(sizes[a]) for a in view)
+        raise ConfigError(f"{fields}: {values} = {known} but there are {n} devices; the product "
+                          "must equal the device count (or set one of them to -1 to fill it)")
     return sizes
 
 
