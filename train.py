@@ -7,13 +7,13 @@ With no arguments it trains the default config (a tiny MoE model on 8 simulated 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from msmoe_jax.cli import add_config_args, simulate_cpu_devices
 from msmoe_jax.config import Config, ConfigError, load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "default.yaml")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,21 +21,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train a Mixture-of-Experts language model with msmoe-jax.",
         epilog="Example: python train.py --config configs/default.yaml --set model.num_experts=16 "
                "--set train.steps=50. Every config key is listed in README.md.")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help="YAML config file (default: configs/default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field by its dotted name, e.g. model.top_k=2 "
-                        "(repeatable; values are parsed as YAML)")
+    add_config_args(p, DEFAULT_CONFIG)
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit without training")
     return p.parse_args(argv)
-
-
-def simulate_cpu_devices(count: int) -> None:
-    """Must run before JAX is imported; only affects the CPU platform."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 def main(argv=None) -> int:

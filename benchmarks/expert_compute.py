@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msmoe_jax.model.moe import (ExpertWeights, expert_capacity, experts_padded,  # noqa: E402
+from msmoe_jax.model.moe import (ExpertWeights, experts_padded,  # noqa: E402
                                  experts_ragged, route_topk)
 
 
@@ -52,16 +52,15 @@ def main() -> None:
     w = ExpertWeights(*(0.05 * jax.random.normal(k, s, dt) for k, s in zip(keys[2:], [
         (a.experts, a.d_model, a.d_ff), (a.experts, a.d_model, a.d_ff),
         (a.experts, a.d_ff, a.d_model)])))
-    cap = expert_capacity(a.tokens, a.top_k, a.experts, 1.25)
 
     print(f"backend {jax.default_backend()} | tokens {a.tokens} d {a.d_model} f {a.d_ff} "
           f"E {a.experts} k {a.top_k} {a.dtype} | forward+backward, median of {a.repeats}")
     print(f"{'mode':<10} {'impl':<11} {'ms':>9} {'vs padded':>10}")
-    for mode, capacity in (("dropless", None), ("capacity", cap)):
+    for mode, capacity_factor in (("dropless", None), ("capacity", 1.25)):
         base = None
         for name, impl in (("padded", experts_padded), ("ragged_dot", experts_ragged)):
-            loss = lambda x, w, impl=impl: jnp.sum(impl(x, idx, gates, w, capacity)[0]
-                                                   .astype(jnp.float32) ** 2)
+            loss = lambda x, w, impl=impl, cf=capacity_factor: jnp.sum(
+                impl(x, idx, gates, w, cf)[0].astype(jnp.float32) ** 2)
             fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
             t = bench(fn, (x, w), a.repeats)
             base = base or t

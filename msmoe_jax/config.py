@@ -9,7 +9,6 @@ dotted name of the field and what is allowed, before JAX compiles anything.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from pathlib import Path

@@ -30,8 +30,11 @@ def ulysses_attention(axes: C.Axes, n: int):
         kv = k.shape[2]
         if kv % n:  # fewer KV heads than devices: repeat each so every device gets its group's
             k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
-        q, k, v = (C.seq_to_heads(a, axes) for a in (q, k, v))
-        return C.heads_to_seq(causal_attention(q, k, v), axes)
+        with jax.named_scope("ulysses"):
+            q, k, v = (C.seq_to_heads(a, axes) for a in (q, k, v))
+        o = causal_attention(q, k, v)
+        with jax.named_scope("ulysses"):
+            return C.heads_to_seq(o, axes)
 
     return attention
 
@@ -55,16 +58,27 @@ def gather_sequence(axes: C.Axes):
     """Entry of a tensor-parallel block: (x [b, s/n, d], positions [s/n]) -> ([b, s, d], [s])."""
 
     def attention_in(x, positions):
-        return C.gather(x, axes, axis=1), C.gather(positions, axes, axis=0)
+        with jax.named_scope("tensor_attention"):
+            return C.gather(x, axes, axis=1), C.gather(positions, axes, axis=0)
 
     return attention_in
 
 
-def gather_tokens(axes: C.Axes):
+def gather_tokens(axes: C.Axes, scope: str = "tensor_ffn"):
     """[b, s/n, d] -> [b, s, d] (entry of a tensor-parallel FFN)."""
-    return lambda x: C.gather(x, axes, axis=1)
+
+    def gather(x):
+        with jax.named_scope(scope):
+            return C.gather(x, axes, axis=1)
+
+    return gather
 
 
-def scatter_tokens(axes: C.Axes):
+def scatter_tokens(axes: C.Axes, scope: str = "tensor_ffn"):
     """[b, s, d] partial sums -> [b, s/n, d] summed (exit of a tensor-parallel block)."""
-    return lambda x: C.reduce_scatter(x, axes, axis=1)
+
+    def scatter(x):
+        with jax.named_scope(scope):
+            return C.reduce_scatter(x, axes, axis=1)
+
+    return scatter

@@ -50,6 +50,7 @@ def group_rank(expert_idx: jax.Array, s, num_experts: int, axes: C.Axes) -> jax.
 def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int):
     """ExpertsFn with all_to_all dispatch over ``expert_axes`` (n devices)."""
 
+    @jax.named_scope("moe_dispatch")
     def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
         x, expert_idx, gates = (C.gather(a, tensor_axes, axis=0) for a in (x, expert_idx, gates))
         t, k = expert_idx.shape
@@ -79,6 +80,7 @@ def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int)
     """ExpertsFn with all_gather / reduce-scatter dispatch over the EP group."""
     group = expert_axes + tensor_axes  # gather order: expert index, then expert_tensor index
 
+    @jax.named_scope("moe_dispatch")
     def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
         x, expert_idx, gates = (C.gather(a, group, axis=0) for a in (x, expert_idx, gates))
         t, k = expert_idx.shape

@@ -37,7 +37,7 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
         kv_sharded = layout.num_kv_heads % n_seq == 0
         attention = dict(attention_in=gather_sequence(seq),
                          attention=tensor_attention(seq, n_seq, kv_sharded),
-                         attention_out=scatter_tokens(seq))
+                         attention_out=scatter_tokens(seq, "tensor_attention"))
     expert, et = layout.axes["expert"], layout.axes["expert_tensor"]
     if size["expert"] == 1 and size["expert_tensor"] == 1:
         experts = local_experts(cfg.model.expert_compute)

@@ -1,0 +1,22 @@
+"""Command-line plumbing shared by train.py and the tools: the config arguments and the
+simulated-device switch. Imports no JAX (device flags must be set before JAX starts)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_config_args(p: argparse.ArgumentParser, default_config: str) -> None:
+    p.add_argument("--config", default=default_config,
+                   help=f"YAML config file (default: {default_config})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by its dotted name, e.g. model.top_k=2 "
+                        "(repeatable; values are parsed as YAML)")
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Must run before JAX is imported; only affects the CPU platform."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()

@@ -1,0 +1,125 @@
+"""Print the collectives of one compiled training step and the bytes each moves.
+
+    python -m msmoe_jax.comms --config configs/default.yaml [--set parallel.sequence=8 ...]
+    python -m msmoe_jax.comms --compare   # also data-only, SP+EP and TP+TP on the same devices
+
+Everything is read from the compiled program (``jit(...).lower(...).compile().as_text()``);
+nothing runs, so large models can be inspected on a laptop's simulated devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from msmoe_jax.cli import add_config_args, simulate_cpu_devices
+from msmoe_jax.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+
+
+def reference_layouts(n: int) -> dict[str, dict]:
+    """Baselines over n devices: pure data parallelism, the paper's SP+EP, Megatron's TP+TP."""
+    return {
+        "data": dict(data=n, sequence=1, tensor=1, expert_data=n, expert=1, expert_tensor=1),
+        "SP+EP": dict(data=1, sequence=n, tensor=1, attention="ulysses", expert_data=1,
+                      expert=n, expert_tensor=1),
+        "TP+TP": dict(data=1, sequence=1, tensor=n, attention="tensor", expert_data=1,
+                      expert=1, expert_tensor=n),
+    }
+
+
+def build_step(cfg: Config, devices=None, abstract: bool = True):
+    """(layout, mesh, jitted train step, state, token batch) for ``cfg``; state and tokens are
+    ShapeDtypeStructs when ``abstract``, else real (fresh parameters, random tokens)."""
+    import jax
+    import numpy as np
+
+    from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding
+    from msmoe_jax.trainer import init_state, make_train_step
+
+    devices = list(jax.devices() if devices is None else devices)
+    layout = Layout.from_config(cfg, len(devices))
+    mesh = make_mesh(layout, devices)
+    graphdef, optimizer, state, specs = init_state(cfg, mesh, layout, abstract=abstract)
+    step = make_train_step(cfg, graphdef, optimizer, mesh, layout, specs)
+    t = cfg.train
+    batch_sharding = sharding(mesh, layout.batch)
+    if abstract:
+        tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), np.int32,
+                                      sharding=batch_sharding)
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        tokens = jax.device_put(rng.integers(0, cfg.model.vocab_size,
+                                             (t.batch_size, t.seq_len + 1), np.int32),
+                                batch_sharding)
+    return layout, mesh, step, state, tokens
+
+
+def step_collectives(cfg: Config, devices=None):
+    """(layout, [Collective]) for one training step of ``cfg`` (compiled, not run)."""
+    from msmoe_jax.parallel.comm_bytes import collectives
+
+    layout, mesh, step, state, tokens = build_step(cfg, devices)
+    text = step.lower(state, tokens).compile().as_text()
+    return layout, collectives(text, mesh.size)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, DEFAULT_CONFIG)
+    p.add_argument("--compare", action="store_true",
+                   help="also compile data-only, SP+EP and TP+TP layouts of the same model")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    simulate_cpu_devices(cfg.run.cpu_devices)
+    import jax
+
+    from msmoe_jax.parallel.comm_bytes import human, summarize
+
+    n = jax.device_count()
+    layouts = {"configured": cfg}
+    if args.compare:
+        for name, fields in reference_layouts(n).items():
+            layouts[name] = dataclasses.replace(
+                cfg, parallel=dataclasses.replace(cfg.parallel, **fields))
+    m, t = cfg.model, cfg.train
+    print(f"model: d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads "
+          f"({m.num_kv_heads} KV), {m.num_experts} experts top-{m.top_k}, {m.dtype} compute; "
+          f"batch {t.batch_size} x {t.seq_len} tokens; {n} {jax.devices()[0].platform} devices")
+    print("bytes: sent per device per training step (forward + backward + optimizer)")
+    if jax.default_backend() == "cpu" and m.dtype == "bfloat16":
+        print("note: XLA:CPU runs bf16 collectives in f32, so bf16 activations count 4 bytes "
+              "here; on GPU they move as bf16 (half)")
+    print()
+    totals = {}
+    for name, c in layouts.items():
+        try:
+            c.validate(n)
+            layout, found = step_collectives(c)
+        except ConfigError as e:
+            print(f"[{name}] not possible for this model: {e}\n")
+            continue
+        totals[name] = sum(x.bytes for x in found)
+        print(f"[{name}] {layout.describe()}")
+        print(f"  {'where':<17} {'collective':<19} {'group':>5} {'count':>6} {'bytes':>12}")
+        for scope, op, group, count, b in summarize(found):
+            print(f"  {scope:<17} {op:<19} {group:>5} {count:>6} {human(b):>12}")
+        print(f"  {'total':<17} {'':<19} {'':>5} {len(found):>6} {human(totals[name]):>12}\n")
+    if len(totals) > 1:
+        base = totals.get("TP+TP")
+        print(f"{'layout':<12} {'bytes/step':>14}" + (f" {'vs TP+TP':>9}" if base else ""))
+        for name, b in totals.items():
+            print(f"{name:<12} {human(b):>14}" + (f" {b / base:>8.2f}x" if base else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
