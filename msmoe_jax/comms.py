@@ -85,6 +85,11 @@ def main(argv=None) -> int:
     from msmoe_jax.parallel.comm_bytes import human, summarize
 
     n = jax.device_count()
+    try:
+        cfg.validate(n)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     layouts = {"configured": cfg}
     if args.compare:
         for name, fields in reference_layouts(n).items():

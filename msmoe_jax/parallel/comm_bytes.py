@@ -16,7 +16,7 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2
                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 OPS = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
        "collective-permute")
-_INSTR = re.compile(r"=\s*(?P<result>.+?)\s+(?P<op>" + "|".join(OPS) + r")(?:-start)?\((?P<args>.*)")
+_INSTR = re.compile(r"=\s*(?P<result>.+?)\s+(?P<op>" + "|".join(OPS) + r")(?P<start>-start)?\((?P<args>.*)")
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 
 
@@ -63,7 +63,7 @@ def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
         if not m:
             continue
         op, arrays = m.group("op"), _arrays(m.group("result"))
-        if m.group(0).rstrip("(").endswith("-start"):
+        if m.group("start"):
             # Async start ops return (operands..., results..., [context scalars]).
             arrays = [a for a in arrays if a[1]]
             arrays = arrays[len(arrays) // 2:]
