@@ -37,7 +37,7 @@ def test_bad_overrides():
 
 def test_mesh_size_must_match_devices():
     assert_clean_error(run_cli("--set", "parallel.data=3"), 2,
-                       "parallel.data x parallel.sequence x parallel.tensor: 3 x 1 x 1 = 3",
+                       "parallel.data x parallel.sequence x parallel.tensor: 3 x 4 x 1 = 12",
                        "there are 8 devices")
 
 
