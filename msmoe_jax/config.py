@@ -86,6 +86,11 @@ class ParallelConfig:
     # layer input + reduce-scatter of the output; "auto" picks by moved bytes (all_gather when
     # top_k >= expert).
     dispatch: Literal["all_to_all", "all_gather", "auto"] = "auto"
+    # The all_to_all dispatch's exchange: "padded" sends worst-case per-expert buffers (runs
+    # everywhere); "ragged" sends only the routed rows with ragged_all_to_all and computes
+    # with grouped GEMMs (on CPU, which lacks ragged_all_to_all, an emulation over a padded
+    # all_to_all stands in: same numbers, no saving). "auto": ragged on GPU, padded elsewhere.
+    all_to_all: Literal["auto", "padded", "ragged"] = "auto"
 
 
 @dataclasses.dataclass

@@ -17,7 +17,8 @@ from msmoe_jax.trainer import init_state
 MODEL = {"dtype": "float32", "num_layers": 2, "num_dense_layers": 1, "num_heads": 8,
          "num_kv_heads": 2, "num_experts": 8, "num_shared_experts": 1, "init_std": 0.1}
 
-A2A, AG = {"dispatch": "all_to_all"}, {"dispatch": "all_gather"}
+A2A, AG = {"dispatch": "all_to_all", "all_to_all": "padded"}, {"dispatch": "all_gather"}
+RAGGED = {"dispatch": "all_to_all", "all_to_all": "ragged"}  # emulated exchange on CPU
 CAPACITY = {"moe_mode": "capacity", "capacity_factor": 0.6}
 LAYOUTS = {
     "data8": ({"data": 8}, {}),
@@ -44,6 +45,10 @@ LAYOUTS = {
     "data8-ep4xetp2-a2a-capacity": ({"expert_data": 1, "expert": 4, "expert_tensor": 2, **A2A},
                                     CAPACITY),
     "data8-ep4xetp2-gather": ({"expert_data": 1, "expert": 4, "expert_tensor": 2, **AG}, {}),
+    "seq4xdata2-ep8-ragged": ({"data": 2, "sequence": 4, "expert_data": 1, "expert": 8,
+                               **RAGGED}, {}),
+    "data8-ep2xed2xetp2-ragged-capacity": (
+        {"expert_data": 2, "expert": 2, "expert_tensor": 2, **RAGGED}, CAPACITY),
 }
 
 
@@ -116,3 +121,23 @@ def test_layout_matches_single_device(name):
     # Parameters really are laid out as the layout says (sharded where it shards them).
     w = state["params"]["blocks"][1]["ffn"]["w_gate"][...]
     assert w.addressable_shards[0].data.shape[0] == 8 // layout.sizes["expert"]
+
+
+def test_ragged_all_to_all_path_lowers_with_the_real_primitive(monkeypatch):
+    """CPU cannot compile ragged_all_to_all, but the GPU path's program (forward and backward)
+    must trace and lower here, so shapes, dtypes and the primitive's AD rules are checked."""
+    from msmoe_jax.parallel import collectives as C
+
+    cfg = tiny_config(parallel={"expert_data": 2, "expert": 4, **RAGGED},
+                      model={**MODEL, "dtype": "bfloat16"})
+    layout = Layout.from_config(cfg, 8)
+    mesh = make_mesh(layout)
+    graphdef, _, state, specs = init_state(cfg, mesh, layout, abstract=True)
+    # make_ops picks the emulation on CPU; hand it the GPU primitive instead.
+    monkeypatch.setattr(C, "ragged_exchange_padded", C.ragged_exchange)
+    loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
+    tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
+                                  sharding=sharding(mesh, layout.batch))
+    text = jax.jit(jax.grad(lambda p, t: loss_fn(p, t)[0])).lower(
+        state["params"], tokens).as_text()
+    assert text.count("ragged_all_to_all") >= 4  # dispatch and combine, forward and backward

@@ -154,10 +154,10 @@ def unpack(out: jax.Array, s: SortedAssignments, keep: jax.Array, gates: jax.Arr
     """
     e_local = jnp.clip(s.expert - first_expert, 0, out.shape[0] - 1)
     y_sorted = out[e_local, jnp.minimum(s.rank, out.shape[1] - 1)]  # [A, d]
-    return _combine(y_sorted, keep, s, gates)
+    return combine(y_sorted, keep, s, gates)
 
 
-def _combine(y_sorted: jax.Array, keep: jax.Array, s: SortedAssignments, gates: jax.Array):
+def combine(y_sorted: jax.Array, keep: jax.Array, s: SortedAssignments, gates: jax.Array):
     """Un-permutes expert outputs and sums them over the top-k with their gate weights.
 
     y_sorted: [A, d] outputs in expert-sorted order; keep: [A] (False for dropped);
@@ -211,7 +211,7 @@ def experts_ragged(x, expert_idx, gates, w: ExpertWeights, capacity_factor: floa
     else:
         keep = s.rank < capacity
         dropped = jnp.sum(jnp.maximum(s.counts - capacity, 0)).astype(jnp.float32)
-    return _combine(y_sorted, keep, s, gates), dropped
+    return combine(y_sorted, keep, s, gates), dropped
 
 
 def local_experts(impl: str = "auto") -> ExpertsFn:

@@ -56,3 +56,30 @@ def index(axes: Axes) -> jax.Array:
     if not axes:
         return jax.numpy.zeros((), jax.numpy.int32)
     return jax.lax.axis_index(axes)
+
+
+def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                    axes: Axes):
+    """``jax.lax.ragged_all_to_all`` over ``axes`` (GPU): rows
+    operand[input_offsets[j] : + send_sizes[j]] go to device j, landing at its
+    output[output_offsets[j] : ...]; recv_sizes[i] rows arrive from device i.
+    operand: [A, d]; output: [O, d] (initial contents kept where nothing lands) -> [O, d]."""
+    return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
+                                     output_offsets, recv_sizes, axis_name=axes)
+
+
+def ragged_exchange_padded(operand, output, input_offsets, send_sizes, output_offsets,
+                           recv_sizes, axes: Axes):
+    """The contract of ``ragged_exchange`` built from a padded all_to_all, for backends without
+    ``ragged_all_to_all`` (CPU): each device's chunk for device j is padded to A rows, so it
+    moves n*A rows whatever the sizes. Differentiable like any JAX code."""
+    a, d = operand.shape
+    n = send_sizes.shape[0]
+    r = jax.numpy.arange(a)
+    rows = jax.numpy.clip(input_offsets[:, None] + r[None, :], 0, a - 1)  # [n, A]
+    buf = jax.numpy.where((r[None, :] < send_sizes[:, None])[..., None], operand[rows], 0)
+    recv = exchange(buf.reshape(n * a, d), axes).reshape(n, a, d)  # block i from device i
+    where = exchange(output_offsets, axes)  # where device i put its chunk in my output
+    dest = jax.numpy.where(r[None, :] < recv_sizes[:, None], where[:, None] + r[None, :],
+                           output.shape[0])  # out of range: dropped by the scatter
+    return output.at[dest.reshape(-1)].set(recv.reshape(n * a, d), mode="drop")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from msmoe_jax.model.moe import (ExpertWeights, expert_capacity, expert_ffn, pack,
+from msmoe_jax.model.moe import (ExpertWeights, combine, expert_capacity, expert_ffn, pack,
                                  sort_by_expert, unpack)
 from msmoe_jax.parallel import collectives as C
 
@@ -97,5 +97,65 @@ def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int)
         counts = jax.lax.dynamic_slice_in_dim(s.counts, first, e_local)
         dropped = jnp.sum(jnp.maximum(counts - cap, 0)).astype(jnp.float32) / m
         return y, dropped
+
+    return experts
+
+
+def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
+                              ragged_exchange=C.ragged_exchange):
+    """ExpertsFn with ragged all_to_all dispatch: only routed (and kept) rows move, and the
+    local experts run as grouped GEMMs (``ragged_dot``) over rows grouped by expert.
+
+    ``ragged_exchange`` is ``jax.lax.ragged_all_to_all`` on GPU, or the padded emulation
+    (``C.ragged_exchange_padded``) where the backend lacks it, which tests this bookkeeping.
+    """
+
+    @jax.named_scope("moe_dispatch")
+    def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
+        x, expert_idx, gates = (C.gather(a, tensor_axes, axis=0) for a in (x, expert_idx, gates))
+        t, k = expert_idx.shape
+        e_local = w.w_gate.shape[0]
+        num_experts = e_local * n
+        s = sort_by_expert(expert_idx, num_experts)
+        most = t * min(k, e_local)  # rows one device can send to another
+        if capacity_factor is None:
+            keep = jnp.ones_like(s.rank, bool)
+        else:
+            capacity = expert_capacity(t * n, k, num_experts, capacity_factor)
+            keep = group_rank(expert_idx, s, num_experts, expert_axes) < capacity
+            most = min(most, e_local * capacity)
+        # Send buffer: kept assignments in expert order (so grouped by destination) first.
+        order = jnp.argsort(jnp.where(keep, s.expert, num_experts), stable=True)
+        send = x[s.token[order]]  # [A, d]
+        kept = jnp.zeros((num_experts,), jnp.int32).at[s.expert].add(keep.astype(jnp.int32))
+        every = C.gather(kept[None], expert_axes, axis=0)  # [n src, E]
+        sizes = every.reshape(n, n, e_local).sum(-1)  # [src, dst] rows
+        me = C.index(expert_axes)
+        send_sizes, recv_sizes = sizes[me], sizes[:, me]
+        send_offsets = jnp.cumsum(send_sizes) - send_sizes
+        recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
+        place_there = (jnp.cumsum(sizes, axis=0) - sizes)[me]  # my chunk's offset at each dst
+        recv = ragged_exchange(send, jnp.zeros((n * most, x.shape[1]), x.dtype), send_offsets,
+                               send_sizes, place_there, recv_sizes, expert_axes)
+        # Received rows are source-major, then by local expert; regroup them by expert.
+        per_src = jax.lax.dynamic_slice_in_dim(every, me * e_local, e_local, axis=1)  # [n, E/n]
+        p = jnp.arange(n * most)
+        src = jnp.clip(jnp.searchsorted(jnp.cumsum(recv_sizes), p, side="right"), 0, n - 1)
+        offset = p - recv_offsets[src]
+        local = jnp.sum(offset[:, None] >= jnp.cumsum(per_src, axis=1)[src], axis=1)
+        local = jnp.where(p < jnp.sum(recv_sizes), local, e_local)  # padding rows last
+        regroup = jnp.argsort(local, stable=True)
+        sizes_e = jnp.sum(per_src, axis=0)  # rows per local expert
+        xs = recv[regroup]
+        h = jax.nn.silu(jax.lax.ragged_dot(xs, w.w_gate, sizes_e)) * jax.lax.ragged_dot(
+            xs, w.w_up, sizes_e)
+        out = jnp.zeros_like(recv).at[regroup].set(jax.lax.ragged_dot(h, w.w_down, sizes_e))
+        # Back to the senders, into the rows their send buffers had.
+        back = ragged_exchange(out, jnp.zeros_like(send), recv_offsets, recv_sizes,
+                               (jnp.cumsum(sizes, axis=1) - sizes)[:, me], send_sizes,
+                               expert_axes)
+        y_sorted = jnp.zeros_like(back).at[order].set(back)  # [A, d] in sorted order
+        y = C.reduce_scatter(combine(y_sorted, keep, s, gates), tensor_axes, axis=0)
+        return y, jnp.sum(~keep).astype(jnp.float32) / m
 
     return experts

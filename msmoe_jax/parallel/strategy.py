@@ -22,7 +22,9 @@ from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.objective import loss_terms
 from msmoe_jax.parallel.attention import (gather_sequence, gather_tokens, scatter_tokens,
                                           tensor_attention, ulysses_attention)
-from msmoe_jax.parallel.experts import experts_all_gather, experts_all_to_all
+from msmoe_jax.parallel import collectives as C
+from msmoe_jax.parallel.experts import (experts_all_gather, experts_all_to_all,
+                                        experts_ragged_all_to_all)
 from msmoe_jax.parallel.mesh import REPLICATED, Layout
 
 
@@ -39,11 +41,18 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
                          attention=tensor_attention(seq, n_seq, kv_sharded),
                          attention_out=scatter_tokens(seq, "tensor_attention"))
     expert, et = layout.axes["expert"], layout.axes["expert_tensor"]
+    gpu = jax.default_backend() == "gpu"
+    ragged = cfg.parallel.all_to_all == "ragged" or (cfg.parallel.all_to_all == "auto" and gpu)
     if size["expert"] == 1 and size["expert_tensor"] == 1:
         experts = local_experts(cfg.model.expert_compute)
+    elif layout.dispatch == "all_gather":
+        experts = experts_all_gather(expert, size["expert"], et, size["expert_tensor"])
+    elif ragged:
+        exchange = C.ragged_exchange if gpu else C.ragged_exchange_padded
+        experts = experts_ragged_all_to_all(expert, size["expert"], et, size["expert_tensor"],
+                                            exchange)
     else:
-        make = experts_all_to_all if layout.dispatch == "all_to_all" else experts_all_gather
-        experts = make(expert, size["expert"], et, size["expert_tensor"])
+        experts = experts_all_to_all(expert, size["expert"], et, size["expert_tensor"])
     return LayerOps(**attention, ffn_in=gather_tokens(tensor), ffn_out=scatter_tokens(tensor),
                     experts=experts)
 
