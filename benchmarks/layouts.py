@@ -71,7 +71,7 @@ def main() -> int:
         except ConfigError as e:
             print(f"skip {name}: {e}")
             continue
-        layout, mesh, step, state, tokens = build_step(c, abstract=False)
+        layout, _, step, state, tokens = build_step(c, abstract=False)
         t0 = time.perf_counter()
         compiled = step.lower(state, tokens).compile()
         compile_s = time.perf_counter() - t0

@@ -16,10 +16,7 @@ from flax import nnx
 
 from msmoe_jax.config import ModelConfig
 from msmoe_jax.model import LayerOps, load_balancing_loss, reference_ops, router_z_loss
-
-
-def identity(tree):
-    return tree
+from msmoe_jax.model.ops import identity
 
 
 def loss_terms(graphdef: nnx.GraphDef, params, inputs: jax.Array, targets: jax.Array,

@@ -55,7 +55,7 @@ def init_state(cfg: Config, mesh: Mesh, layout: Layout, abstract: bool = False):
 
 
 def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout, specs,
-                    on_trace: Callable = None):
+                    on_trace: Callable | None = None):
     """A jitted ``step(state, tokens) -> (state, metrics)``; ``on_trace`` runs at each trace.
     The new state keeps the layout of ``specs``."""
     loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
