@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from msmoe_jax.cli import add_config_args, simulate_cpu_devices
-from msmoe_jax.config import Config, ConfigError, load_config
+from msmoe_jax.cli import add_config_args, load_cli_config
+from msmoe_jax.config import ConfigError
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "default.yaml")
 
@@ -29,17 +29,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg: Config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = load_cli_config(args)
+    if cfg is None:
         return 2
     if args.print_config:
         import yaml
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
 
-    simulate_cpu_devices(cfg.run.cpu_devices)
     import jax
 
     from msmoe_jax.checkpoint import CheckpointError

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msmoe_jax.cli import add_config_args, simulate_cpu_devices  # noqa: E402
-from msmoe_jax.config import ConfigError, load_config  # noqa: E402
+from msmoe_jax.cli import add_config_args, load_cli_config  # noqa: E402
+from msmoe_jax.config import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +47,9 @@ def main() -> int:
     add_config_args(p, str(ROOT / "configs" / "default.yaml"))
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout")
     args = p.parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = load_cli_config(args)
+    if cfg is None:
         return 2
-    simulate_cpu_devices(cfg.run.cpu_devices)
     import jax
 
     from msmoe_jax.comms import build_step

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+from msmoe_jax.config import Config, ConfigError, load_config
 
 
 def add_config_args(p: argparse.ArgumentParser, default_config: str) -> None:
@@ -20,3 +23,16 @@ def simulate_cpu_devices(count: int) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def load_cli_config(args: argparse.Namespace) -> Config | None:
+    """Loads ``--config`` with its ``--set`` overrides and sets the simulated device count
+    (so JAX must not have started yet). On a config error prints one ``error:`` line to
+    stderr and returns None: the caller exits with code 2."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    simulate_cpu_devices(cfg.run.cpu_devices)
+    return cfg

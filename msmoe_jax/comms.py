@@ -14,8 +14,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from msmoe_jax.cli import add_config_args, simulate_cpu_devices
-from msmoe_jax.config import Config, ConfigError, load_config
+from msmoe_jax.cli import add_config_args, load_cli_config
+from msmoe_jax.config import Config, ConfigError
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
 
@@ -74,12 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--compare", action="store_true",
                    help="also compile data-only, SP+EP and TP+TP layouts of the same model")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = load_cli_config(args)
+    if cfg is None:
         return 2
-    simulate_cpu_devices(cfg.run.cpu_devices)
     import jax
 
     from msmoe_jax.parallel.comm_bytes import human, summarize

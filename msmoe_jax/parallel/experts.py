@@ -47,24 +47,39 @@ def group_rank(expert_idx: jax.Array, s, num_experts: int, axes: C.Axes) -> jax.
     return before_slot[s.slot, s.expert] + before_device[s.slot, s.expert] + within
 
 
+def route_in_group(x, expert_idx, gates, n: int, e_local: int, expert_axes: C.Axes,
+                   tensor_axes: C.Axes, capacity_factor):
+    """Shared first half of the all_to_all dispatches: gather the tokens over expert_tensor,
+    sort the assignments by expert, and decide which fit the EP group's capacity.
+
+    Returns (x [T, d], expert_idx [T, k], gates [T, k], SortedAssignments, keep [A],
+    capacity or None) where T = local tokens x expert_tensor devices.
+    """
+    x, expert_idx, gates = (C.gather(a, tensor_axes, axis=0) for a in (x, expert_idx, gates))
+    t, k = expert_idx.shape
+    num_experts = e_local * n
+    s = sort_by_expert(expert_idx, num_experts)
+    if capacity_factor is None:
+        return x, expert_idx, gates, s, jnp.ones_like(s.rank, bool), None
+    capacity = expert_capacity(t * n, k, num_experts, capacity_factor)
+    keep = group_rank(expert_idx, s, num_experts, expert_axes) < capacity
+    return x, expert_idx, gates, s, keep, capacity
+
+
 def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int):
     """ExpertsFn with all_to_all dispatch over ``expert_axes`` (n devices)."""
 
     @jax.named_scope("moe_dispatch")
     def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
-        x, expert_idx, gates = (C.gather(a, tensor_axes, axis=0) for a in (x, expert_idx, gates))
-        t, k = expert_idx.shape
-        num_experts = w.w_gate.shape[0] * n
-        s = sort_by_expert(expert_idx, num_experts)
-        if capacity_factor is None:
-            cap, keep = t, jnp.ones_like(s.rank, bool)
-        else:
-            capacity = expert_capacity(t * n, k, num_experts, capacity_factor)
-            keep = group_rank(expert_idx, s, num_experts, expert_axes) < capacity
-            cap = min(t, capacity)  # one device can fill an expert's whole capacity
+        e_local = w.w_gate.shape[0]
+        num_experts = e_local * n
+        x, expert_idx, gates, s, keep, capacity = route_in_group(
+            x, expert_idx, gates, n, e_local, expert_axes, tensor_axes, capacity_factor)
+        t = x.shape[0]
+        # One device can fill an expert's whole capacity, so its buffer needs up to that.
+        cap = t if capacity is None else min(t, capacity)
         buf = pack(x, s, keep, cap)  # [E, C, d]
         recv = C.exchange(buf, expert_axes)  # [n * E/n, C, d]: block j came from device j
-        e_local = num_experts // n
         rows = recv.reshape(n, e_local, cap, -1).transpose(1, 0, 2, 3).reshape(e_local, n * cap, -1)
         out = expert_ffn(rows, w)  # [E/n, n*C, d], partial over expert_tensor
         out = out.reshape(e_local, n, cap, -1).transpose(1, 0, 2, 3).reshape(num_experts, cap, -1)
@@ -112,17 +127,13 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
 
     @jax.named_scope("moe_dispatch")
     def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
-        x, expert_idx, gates = (C.gather(a, tensor_axes, axis=0) for a in (x, expert_idx, gates))
-        t, k = expert_idx.shape
         e_local = w.w_gate.shape[0]
         num_experts = e_local * n
-        s = sort_by_expert(expert_idx, num_experts)
+        x, expert_idx, gates, s, keep, capacity = route_in_group(
+            x, expert_idx, gates, n, e_local, expert_axes, tensor_axes, capacity_factor)
+        t, k = expert_idx.shape
         most = t * min(k, e_local)  # rows one device can send to another
-        if capacity_factor is None:
-            keep = jnp.ones_like(s.rank, bool)
-        else:
-            capacity = expert_capacity(t * n, k, num_experts, capacity_factor)
-            keep = group_rank(expert_idx, s, num_experts, expert_axes) < capacity
+        if capacity is not None:
             most = min(most, e_local * capacity)
         # Send buffer: kept assignments in expert order (so grouped by destination) first.
         order = jnp.argsort(jnp.where(keep, s.expert, num_experts), stable=True)
