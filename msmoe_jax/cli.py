@@ -25,6 +25,34 @@ def simulate_cpu_devices(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
+# XLA flags that let a GPU overlap communication with computation: the latency-hiding scheduler
+# orders async collectives around independent compute (the chunked and ring schedules give it
+# that independence), combining thresholds batch the many small gradient collectives into
+# large ones, and the pipelined variants move collectives of loop iterations ahead of the
+# compute that does not need them.
+GPU_OVERLAP_FLAGS = {
+    "xla_gpu_enable_latency_hiding_scheduler": "true",
+    "xla_gpu_enable_highest_priority_async_stream": "true",
+    "xla_gpu_enable_pipelined_all_gather": "true",
+    "xla_gpu_enable_pipelined_reduce_scatter": "true",
+    "xla_gpu_enable_pipelined_all_reduce": "true",
+    "xla_gpu_enable_while_loop_double_buffering": "true",
+    "xla_gpu_all_reduce_combine_threshold_bytes": "134217728",
+    "xla_gpu_all_gather_combine_threshold_bytes": "134217728",
+    "xla_gpu_reduce_scatter_combine_threshold_bytes": "67108864",
+}
+
+
+def gpu_overlap_flags() -> list[str]:
+    """Adds ``GPU_OVERLAP_FLAGS`` to XLA_FLAGS (before JAX starts), except any flag the user
+    already set there, which wins. Returns the flags added. XLA ignores them on CPU."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    added = [f"--{name}={value}" for name, value in GPU_OVERLAP_FLAGS.items()
+             if f"--{name}=" not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    return added
+
+
 def load_cli_config(args: argparse.Namespace) -> Config | None:
     """Loads ``--config`` with its ``--set`` overrides and sets the simulated device count
     (so JAX must not have started yet). On a config error prints one ``error:`` line to
@@ -35,4 +63,6 @@ def load_cli_config(args: argparse.Namespace) -> Config | None:
         print(f"error: {e}", file=sys.stderr)
         return None
     simulate_cpu_devices(cfg.run.cpu_devices)
+    if cfg.run.gpu_overlap_flags:
+        gpu_overlap_flags()
     return cfg

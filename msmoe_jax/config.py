@@ -141,6 +141,9 @@ class RunConfig:
     # Simulated devices when JAX runs on the CPU (train.py sets XLA_FLAGS before JAX starts,
     # unless XLA_FLAGS already sets --xla_force_host_platform_device_count).
     cpu_devices: int = 8
+    # Add the GPU latency-hiding / collective-combining XLA flags (msmoe_jax/cli.py
+    # GPU_OVERLAP_FLAGS) to XLA_FLAGS; a flag already in XLA_FLAGS keeps the user's value.
+    gpu_overlap_flags: bool = True
 
 
 @dataclasses.dataclass

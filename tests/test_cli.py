@@ -50,3 +50,15 @@ def test_corrupt_checkpoint_directory(tmp_path):
         (step / item / "garbage").write_bytes(b"\x00not a checkpoint")
     r = run_cli("--config", config)
     assert_clean_error(r, 1, "could not be restored", str(step))
+
+
+def test_gpu_overlap_flags_keep_user_values(monkeypatch):
+    from msmoe_jax.cli import GPU_OVERLAP_FLAGS, gpu_overlap_flags
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
+    added = gpu_overlap_flags()
+    import os
+    flags = os.environ["XLA_FLAGS"]
+    assert "--xla_gpu_enable_latency_hiding_scheduler=false" in flags
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" not in flags
+    assert len(added) == len(GPU_OVERLAP_FLAGS) - 1
+    assert all(a in flags for a in added)
