@@ -121,6 +121,10 @@ class TrainConfig:
     batch_size: int = 16  # global, in sequences
     seq_len: int = 128
     log_every: int = 10
+    # Activation rematerialisation per block (msmoe_jax/model/remat.py): "none" stores every
+    # activation, "selective" stores the attention core's inputs and context and the experts'
+    # dispatched and combined rows and recomputes the rest, "full" stores only block inputs.
+    remat: Literal["none", "selective", "full"] = "none"
 
 
 @dataclasses.dataclass

@@ -89,7 +89,13 @@ def grouped_reference_experts(experts_fn, groups: np.ndarray):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_device(name):
     parallel, model = LAYOUTS[name]
-    cfg = tiny_config(parallel=parallel, model={**MODEL, **model})
+    check_against_reference(parallel, {**MODEL, **model})
+
+
+def check_against_reference(parallel: dict, model: dict, train: dict | None = None):
+    """Loss, metrics and every parameter's gradient of the layout equal the single-device
+    reference's (fp32). Returns the compiled parallel step."""
+    cfg = tiny_config(parallel=parallel, model=model, train=train or {})
     layout = Layout.from_config(cfg, 8)
     mesh = make_mesh(layout)
     graphdef, _, state, specs = init_state(cfg, mesh, layout)
@@ -97,8 +103,9 @@ def test_layout_matches_single_device(name):
     tokens = jax.random.randint(jax.random.key(1), (b, s + 1), 0, cfg.model.vocab_size)
 
     loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        state["params"], jax.device_put(tokens, sharding(mesh, layout.batch)))
+    args = state["params"], jax.device_put(tokens, sharding(mesh, layout.batch))
+    compiled = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(*args).compile()
+    (loss, metrics), grads = compiled(*args)
 
     ref_ops = reference_ops("padded")
     if cfg.model.moe_mode == "capacity":
@@ -121,6 +128,7 @@ def test_layout_matches_single_device(name):
     # Parameters really are laid out as the layout says (sharded where it shards them).
     w = state["params"]["blocks"][1]["ffn"]["w_gate"][...]
     assert w.addressable_shards[0].data.shape[0] == 8 // layout.sizes["expert"]
+    return compiled
 
 
 def test_ragged_all_to_all_path_lowers_with_the_real_primitive(monkeypatch):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from msmoe_jax.config import ModelConfig
+from msmoe_jax.model.remat import ATTN_CONTEXT, ATTN_QKV, tag
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype,
@@ -58,6 +59,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     q: [b, s, heads, d]; k, v: [b, s, kv_heads, d] with kv_heads dividing heads (GQA).
     Returns [b, s, heads, d]. A sequence-parallel implementation replaces this function.
     """
+    q, k, v = (tag(a, ATTN_QKV) for a in (q, k, v))
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
@@ -85,7 +87,7 @@ class Attention(nnx.Module):
         v = jnp.einsum("bsd,dhk->bshk", x, c(self.wv))
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
-        o = ops.attention(q, k, v)
+        o = tag(ops.attention(q, k, v), ATTN_CONTEXT)
         return ops.attention_out(jnp.einsum("bshk,hkd->bsd", o, c(self.wo)))
 
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from msmoe_jax.config import ModelConfig
 from msmoe_jax.model.layers import SwiGLU, dtypes, normal_param
+from msmoe_jax.model.remat import MOE_COMBINED, MOE_DISPATCHED, tag
 
 
 class RouterStats(NamedTuple):
@@ -140,6 +141,7 @@ def pack(x: jax.Array, s: SortedAssignments, keep: jax.Array, cap: int,
 
 def expert_ffn(buf: jax.Array, w: ExpertWeights) -> jax.Array:
     """SwiGLU of each expert on its buffer: [E, C, d] -> [E, C, d] (weights [E, d, f])."""
+    buf = tag(buf, MOE_DISPATCHED)
     h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w.w_gate)) * jnp.einsum(
         "ecd,edf->ecf", buf, w.w_up)
     return jnp.einsum("ecf,efd->ecd", h, w.w_down)
@@ -164,6 +166,7 @@ def combine(y_sorted: jax.Array, keep: jax.Array, s: SortedAssignments, gates: j
     gates: [T, k]. Returns [T, d] in y_sorted's dtype (the weighted sum is in float32).
     """
     t, k = gates.shape
+    y_sorted = tag(y_sorted, MOE_COMBINED)
     y = jnp.where(keep[:, None], y_sorted, 0)[s.unsort].reshape(k, t, -1)
     return jnp.einsum("ktd,tk->td", y.astype(jnp.float32), gates).astype(y_sorted.dtype)
 
@@ -201,7 +204,7 @@ def experts_ragged(x, expert_idx, gates, w: ExpertWeights, capacity_factor: floa
     num_experts = w.w_gate.shape[0]
     capacity = _capacity(t, k, num_experts, capacity_factor)
     s = sort_by_expert(expert_idx, num_experts)
-    xs = x[s.token]  # [A, d]
+    xs = tag(x[s.token], MOE_DISPATCHED)  # [A, d]
     gs = s.counts.astype(jnp.int32)
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w.w_gate, gs)) * jax.lax.ragged_dot(xs, w.w_up, gs)
     y_sorted = jax.lax.ragged_dot(h, w.w_down, gs)

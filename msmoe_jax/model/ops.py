@@ -37,6 +37,8 @@ class LayerOps(NamedTuple):
     # (x [T,d], expert_idx [T,k], gates [T,k], ExpertWeights, capacity_factor)
     #   -> (y [T,d], dropped []).
     experts: ExpertsFn = local_experts("padded")
+    # jax.checkpoint policy applied to each block (model/remat.py), None: no rematerialisation.
+    remat_policy: Callable | None = None
 
 
 def reference_ops(expert_compute: str = "auto") -> LayerOps:

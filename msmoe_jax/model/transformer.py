@@ -52,8 +52,11 @@ class Transformer(nnx.Module):
         """
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         all_stats = []
+        run = lambda block, x: block(x, positions, ops)
+        if ops.remat_policy is not None:
+            run = nnx.remat(run, policy=ops.remat_policy)
         for block in self.blocks:
-            x, stats = block(x, positions, ops)
+            x, stats = run(block, x)
             if stats is not None:
                 all_stats.append(stats)
         x = self.final_norm(x)

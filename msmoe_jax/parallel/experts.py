@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from msmoe_jax.model.moe import (ExpertWeights, combine, expert_capacity, expert_ffn, pack,
                                  sort_by_expert, unpack)
+from msmoe_jax.model.remat import MOE_DISPATCHED, tag
 from msmoe_jax.parallel import collectives as C
 
 
@@ -157,7 +158,7 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
         local = jnp.where(p < jnp.sum(recv_sizes), local, e_local)  # padding rows last
         regroup = jnp.argsort(local, stable=True)
         sizes_e = jnp.sum(per_src, axis=0)  # rows per local expert
-        xs = recv[regroup]
+        xs = tag(recv[regroup], MOE_DISPATCHED)
         h = jax.nn.silu(jax.lax.ragged_dot(xs, w.w_gate, sizes_e)) * jax.lax.ragged_dot(
             xs, w.w_up, sizes_e)
         out = jnp.zeros_like(recv).at[regroup].set(jax.lax.ragged_dot(h, w.w_down, sizes_e))

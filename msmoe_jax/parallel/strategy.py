@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from msmoe_jax.config import Config
 from msmoe_jax.model import LayerOps, local_experts
+from msmoe_jax.model.remat import remat_policy
 from msmoe_jax.objective import loss_terms
 from msmoe_jax.parallel.attention import (gather_sequence, gather_tokens, scatter_tokens,
                                           tensor_attention, ulysses_attention)
@@ -54,7 +55,7 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
     else:
         experts = experts_all_to_all(expert, size["expert"], et, size["expert_tensor"])
     return LayerOps(**attention, ffn_in=gather_tokens(tensor), ffn_out=scatter_tokens(tensor),
-                    experts=experts)
+                    experts=experts, remat_policy=remat_policy(cfg.train.remat))
 
 
 def param_specs(params, layout: Layout):
