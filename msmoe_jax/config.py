@@ -91,6 +91,10 @@ class ParallelConfig:
     # with grouped GEMMs (on CPU, which lacks ragged_all_to_all, an emulation over a padded
     # all_to_all stands in: same numbers, no saving). "auto": ragged on GPU, padded elsewhere.
     all_to_all: Literal["auto", "padded", "ragged"] = "auto"
+    # Collective matmuls: the all_gathers and reduce-scatters of tensor-parallel attention and
+    # FFNs, and of the all_gather dispatch (dropless only), run as rings of ppermute steps
+    # overlapped with the GEMMs beside them. "bidirectional" sends half of each block each way.
+    collective_matmul: Literal["off", "ring", "bidirectional"] = "off"
 
 
 @dataclasses.dataclass

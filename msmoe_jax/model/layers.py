@@ -80,20 +80,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, ops):
         """x: [b, s, d]; positions: [s] -> [b, s, d]. ``ops``: LayerOps."""
-        x, positions = ops.attention_in(x, positions)
         c = lambda p: p[...].astype(self.dtype)
-        q = jnp.einsum("bsd,dhk->bshk", x, c(self.wq))
-        k = jnp.einsum("bsd,dhk->bshk", x, c(self.wk))
-        v = jnp.einsum("bsd,dhk->bshk", x, c(self.wv))
+        project = lambda x: tuple(jnp.einsum("bsd,dhk->bshk", x, c(w))
+                                  for w in (self.wq, self.wk, self.wv))
+        (q, k, v), positions = ops.attention_in(x, positions, project)
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         o = tag(ops.attention(q, k, v), ATTN_CONTEXT)
-        return ops.attention_out(jnp.einsum("bshk,hkd->bsd", o, c(self.wo)))
-
-
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """x: [..., d]; w_gate, w_up: [d, f]; w_down: [f, d] -> [..., d]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+        return ops.attention_out(lambda o: jnp.einsum("bshk,hkd->bsd", o, c(self.wo)), o)
 
 
 class SwiGLU(nnx.Module):
@@ -106,6 +100,16 @@ class SwiGLU(nnx.Module):
         self.w_up = normal_param(rngs, (cfg.d_model, d_ff), cfg.init_std, pdt, ("embed", "mlp"))
         self.w_down = normal_param(rngs, (d_ff, cfg.d_model), out_std, pdt, ("mlp", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def up(self, x: jax.Array) -> jax.Array:
+        """[..., d] -> [..., d_ff]: the gated activation (row-wise)."""
         c = lambda p: p[...].astype(self.dtype)
-        return swiglu(x, c(self.w_gate), c(self.w_up), c(self.w_down))
+        return jax.nn.silu(x @ c(self.w_gate)) * (x @ c(self.w_up))
+
+    def down(self, h: jax.Array) -> jax.Array:
+        """[..., d_ff] -> [..., d]."""
+        return h @ self.w_down[...].astype(self.dtype)
+
+    def __call__(self, x: jax.Array, ops) -> jax.Array:
+        """x: [b, s, d] -> [b, s, d]; ``ops`` (LayerOps) wraps the two halves (tensor
+        parallelism gathers before ``up`` and reduce-scatters after ``down``)."""
+        return ops.ffn_out(self.down, ops.ffn_in(self.up, x))

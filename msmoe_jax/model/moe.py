@@ -256,5 +256,5 @@ class MoE(nnx.Module):
         y, dropped = ops.experts(xt, idx, gates, weights, self.capacity_factor)
         y = y.reshape(b, s, d)
         if self.shared is not None:
-            y = y + ops.ffn_out(self.shared(ops.ffn_in(x)))
+            y = y + self.shared(x, ops)
         return y, stats._replace(dropped=dropped)

@@ -20,20 +20,26 @@ def identity(x):
     return x
 
 
-def pass_through(x, positions):
-    return x, positions
+def apply(fn, x):
+    return fn(x)
+
+
+def project_in(x, positions, project):
+    return project(x), positions
 
 
 class LayerOps(NamedTuple):
-    # (x [b,s,d], positions [s]) -> the attention block's input and its positions.
-    attention_in: Callable = pass_through
+    # (x [b,s,d], positions [s], project) -> (project(the attention block's input), its
+    # positions). ``project`` is row-wise along s (the Q/K/V projections).
+    attention_in: Callable = project_in
     # (q [b,s,h,hd], k [b,s,kv,hd], v [b,s,kv,hd]) -> [b,s,h,hd], causal over the sequence.
     attention: Callable = causal_attention
-    # [b,s,d] output projection -> [b,s,d] block output.
-    attention_out: Callable = identity
-    # [b,s,d] -> [b,s,d] around dense FFNs and shared experts.
-    ffn_in: Callable = identity
-    ffn_out: Callable = identity
+    # (project, o [b,s,h,hd]) -> [b,s,d] block output; ``project`` is the output projection.
+    attention_out: Callable = apply
+    # (fn, x) around dense FFNs and shared experts: ffn_in(up, x [b,s,d]) -> hidden, then
+    # ffn_out(down, hidden) -> [b,s,d]; up and down are row-wise along s.
+    ffn_in: Callable = apply
+    ffn_out: Callable = apply
     # (x [T,d], expert_idx [T,k], gates [T,k], ExpertWeights, capacity_factor)
     #   -> (y [T,d], dropped []).
     experts: ExpertsFn = local_experts("padded")

@@ -29,7 +29,7 @@ class Block(nnx.Module):
         if self.is_moe:
             y, stats = self.ffn(h, ops)
             return x + y, stats
-        return x + ops.ffn_out(self.ffn(ops.ffn_in(h))), None
+        return x + self.ffn(h, ops), None
 
 
 class Transformer(nnx.Module):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from msmoe_jax.model.layers import causal_attention
 from msmoe_jax.parallel import collectives as C
+from msmoe_jax.parallel.collective_matmul import apply_scatter, gather_apply
 
 
 def ulysses_attention(axes: C.Axes, n: int):
@@ -54,31 +55,46 @@ def tensor_attention(axes: C.Axes, n: int, kv_sharded: bool):
     return attention
 
 
-def gather_sequence(axes: C.Axes):
-    """Entry of a tensor-parallel block: (x [b, s/n, d], positions [s/n]) -> ([b, s, d], [s])."""
+def gather_sequence(axes: C.Axes, n: int, ring: str = "off"):
+    """Entry of a tensor-parallel attention block: (x [b, s/n, d], positions [s/n], project)
+    -> (project(x gathered to [b, s, d]), positions [s]). ``ring`` ("ring"/"bidirectional")
+    fuses the all_gather into the projection as a collective matmul."""
 
-    def attention_in(x, positions):
+    def attention_in(x, positions, project):
         with jax.named_scope("tensor_attention"):
-            return C.gather(x, axes, axis=1), C.gather(positions, axes, axis=0)
+            return gather_then(axes, n, ring)(project, x), C.gather(positions, axes, axis=0)
 
     return attention_in
 
 
-def gather_tokens(axes: C.Axes, scope: str = "tensor_ffn"):
-    """[b, s/n, d] -> [b, s, d] (entry of a tensor-parallel FFN)."""
+def gather_then(axes: C.Axes, n: int, ring: str = "off"):
+    """(fn, x [b, s/n, ...]) -> fn(x gathered to [b, s, ...]); fn row-wise along s."""
 
-    def gather(x):
+    def apply(fn, x):
+        if ring == "off":
+            return fn(C.gather(x, axes, axis=1))
+        return gather_apply(fn, x, axes, n, axis=1, bidirectional=ring == "bidirectional")
+
+    return apply
+
+
+def then_scatter(axes: C.Axes, n: int, ring: str = "off"):
+    """(fn, x [b, s, ...]) -> fn(x) [b, s, d] partial sums reduce-scattered to [b, s/n, d]
+    (exit of a tensor-parallel block); fn row-wise along s."""
+
+    def apply(fn, x):
+        if ring == "off":
+            return C.reduce_scatter(fn(x), axes, axis=1)
+        return apply_scatter(fn, x, axes, n, axis=1, bidirectional=ring == "bidirectional")
+
+    return apply
+
+
+def scoped(op, scope: str):
+    """``op(fn, x)`` run inside a named scope (so its collectives are attributed to it)."""
+
+    def apply(fn, x):
         with jax.named_scope(scope):
-            return C.gather(x, axes, axis=1)
+            return op(fn, x)
 
-    return gather
-
-
-def scatter_tokens(axes: C.Axes, scope: str = "tensor_ffn"):
-    """[b, s, d] partial sums -> [b, s/n, d] summed (exit of a tensor-parallel block)."""
-
-    def scatter(x):
-        with jax.named_scope(scope):
-            return C.reduce_scatter(x, axes, axis=1)
-
-    return scatter
+    return apply

@@ -32,6 +32,7 @@ from msmoe_jax.model.moe import (ExpertWeights, combine, expert_capacity, expert
                                  sort_by_expert, unpack)
 from msmoe_jax.model.remat import MOE_DISPATCHED, tag
 from msmoe_jax.parallel import collectives as C
+from msmoe_jax.parallel.collective_matmul import gather_apply_scatter
 
 
 def group_rank(expert_idx: jax.Array, s, num_experts: int, axes: C.Axes) -> jax.Array:
@@ -92,27 +93,39 @@ def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int)
     return experts
 
 
-def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int):
-    """ExpertsFn with all_gather / reduce-scatter dispatch over the EP group."""
+def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
+                       ring: str = "off"):
+    """ExpertsFn with all_gather / reduce-scatter dispatch over the EP group. ``ring``
+    ("ring"/"bidirectional") runs it as a collective matmul in dropless mode (each arriving
+    block of tokens meets the local experts while the next block and the partial sums travel);
+    capacity mode pools the whole group's tokens first, so it always gathers in one go."""
     group = expert_axes + tensor_axes  # gather order: expert index, then expert_tensor index
+
+    def local(x, expert_idx, gates, w, cap: int | None):
+        """The local experts' gate-weighted outputs for these rows ([T, d], partial over the
+        group) and the assignments to them that exceed ``cap`` (None: rows, dropless)."""
+        e_local = w.w_gate.shape[0]
+        s = sort_by_expert(expert_idx, e_local * n)
+        cap = x.shape[0] if cap is None else cap
+        first = C.index(expert_axes) * e_local
+        keep = (s.expert >= first) & (s.expert < first + e_local) & (s.rank < cap)
+        out = expert_ffn(pack(x, s, keep, cap, first, e_local), w)  # [E/n, C, d]
+        counts = jax.lax.dynamic_slice_in_dim(s.counts, first, e_local)
+        return unpack(out, s, keep, gates, first), jnp.sum(jnp.maximum(counts - cap, 0))
 
     @jax.named_scope("moe_dispatch")
     def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
+        if ring != "off" and capacity_factor is None:
+            y = gather_apply_scatter(lambda blk: local(*blk, w, None)[0], (x, expert_idx, gates),
+                                     group, n * m, axis=0, bidirectional=ring == "bidirectional")
+            return y, jnp.zeros((), jnp.float32)
         x, expert_idx, gates = (C.gather(a, group, axis=0) for a in (x, expert_idx, gates))
         t, k = expert_idx.shape
-        e_local = w.w_gate.shape[0]
-        num_experts = e_local * n
-        s = sort_by_expert(expert_idx, num_experts)
-        cap = t if capacity_factor is None else expert_capacity(t, k, num_experts,
-                                                                capacity_factor)
-        first = C.index(expert_axes) * e_local
-        mine = (s.expert >= first) & (s.expert < first + e_local)
-        keep = mine & (s.rank < cap)
-        out = expert_ffn(pack(x, s, keep, cap, first, e_local), w)  # [E/n, C, d]
-        y = C.reduce_scatter(unpack(out, s, keep, gates, first), group, axis=0)
-        counts = jax.lax.dynamic_slice_in_dim(s.counts, first, e_local)
-        dropped = jnp.sum(jnp.maximum(counts - cap, 0)).astype(jnp.float32) / m
-        return y, dropped
+        cap = None if capacity_factor is None else expert_capacity(
+            t, k, w.w_gate.shape[0] * n, capacity_factor)
+        y, dropped = local(x, expert_idx, gates, w, cap)
+        y = C.reduce_scatter(y, group, axis=0)
+        return y, dropped.astype(jnp.float32) / m
 
     return experts
 

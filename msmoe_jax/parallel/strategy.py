@@ -21,8 +21,8 @@ from msmoe_jax.config import Config
 from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.model.remat import remat_policy
 from msmoe_jax.objective import loss_terms
-from msmoe_jax.parallel.attention import (gather_sequence, gather_tokens, scatter_tokens,
-                                          tensor_attention, ulysses_attention)
+from msmoe_jax.parallel.attention import (gather_sequence, gather_then, scoped, tensor_attention,
+                                          then_scatter, ulysses_attention)
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel.experts import (experts_all_gather, experts_all_to_all,
                                         experts_ragged_all_to_all)
@@ -34,27 +34,31 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
     size = layout.sizes
     seq, n_seq = layout.seq_axes, size["sequence"] * size["tensor"]
     tensor = layout.axes["tensor"]
+    ring = cfg.parallel.collective_matmul
     if layout.attention == "ulysses":
         attention = dict(attention=ulysses_attention(seq, n_seq))
     else:
         kv_sharded = layout.num_kv_heads % n_seq == 0
-        attention = dict(attention_in=gather_sequence(seq),
+        attention = dict(attention_in=gather_sequence(seq, n_seq, ring),
                          attention=tensor_attention(seq, n_seq, kv_sharded),
-                         attention_out=scatter_tokens(seq, "tensor_attention"))
+                         attention_out=scoped(then_scatter(seq, n_seq, ring),
+                                              "tensor_attention"))
     expert, et = layout.axes["expert"], layout.axes["expert_tensor"]
     gpu = jax.default_backend() == "gpu"
     ragged = cfg.parallel.all_to_all == "ragged" or (cfg.parallel.all_to_all == "auto" and gpu)
     if size["expert"] == 1 and size["expert_tensor"] == 1:
         experts = local_experts(cfg.model.expert_compute)
     elif layout.dispatch == "all_gather":
-        experts = experts_all_gather(expert, size["expert"], et, size["expert_tensor"])
+        experts = experts_all_gather(expert, size["expert"], et, size["expert_tensor"], ring)
     elif ragged:
         exchange = C.ragged_exchange if gpu else C.ragged_exchange_padded
         experts = experts_ragged_all_to_all(expert, size["expert"], et, size["expert_tensor"],
                                             exchange)
     else:
         experts = experts_all_to_all(expert, size["expert"], et, size["expert_tensor"])
-    return LayerOps(**attention, ffn_in=gather_tokens(tensor), ffn_out=scatter_tokens(tensor),
+    n_tensor = size["tensor"]
+    return LayerOps(**attention, ffn_in=scoped(gather_then(tensor, n_tensor, ring), "tensor_ffn"),
+                    ffn_out=scoped(then_scatter(tensor, n_tensor, ring), "tensor_ffn"),
                     experts=experts, remat_policy=remat_policy(cfg.train.remat))
 
 
