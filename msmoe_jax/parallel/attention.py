@@ -23,19 +23,26 @@ from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel.collective_matmul import apply_scatter, gather_apply
 
 
-def ulysses_attention(axes: C.Axes, n: int):
+def ulysses_attention(axes: C.Axes, n: int, chunks: int = 1):
     """Attention core for sequence shards. q: [b, s/n, h, hd]; k, v: [b, s/n, kv, hd]
-    -> [b, s/n, h, hd]. Needs h % n == 0 and kv dividing or divisible by n."""
+    -> [b, s/n, h, hd]. Needs h % n == 0 and kv dividing or divisible by n.
+
+    ``chunks`` > 1 splits the heads into that many groups, each exchanged and attended on its
+    own, so one group's all_to_alls overlap another's attention (needs h and the KV heads,
+    repeated where fewer, divisible by n x chunks)."""
+    groups = n * chunks
 
     def attention(q, k, v):
         kv = k.shape[2]
-        if kv % n:  # fewer KV heads than devices: repeat each so every device gets its group's
-            k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
-        with jax.named_scope("ulysses"):
-            q, k, v = (C.seq_to_heads(a, axes) for a in (q, k, v))
-        o = causal_attention(q, k, v)
-        with jax.named_scope("ulysses"):
-            return C.heads_to_seq(o, axes)
+        if kv % groups:  # fewer KV heads than groups: repeat so each group gets its own
+            k, v = jnp.repeat(k, groups // kv, axis=2), jnp.repeat(v, groups // kv, axis=2)
+        split = lambda a: jnp.split(a, chunks, axis=2)
+        outs = []
+        for i, (qc, kc, vc) in enumerate(zip(split(q), split(k), split(v))):
+            with jax.named_scope(f"ulysses/chunk{i}"):
+                qc, kc, vc = (C.seq_to_heads(a, axes) for a in (qc, kc, vc))
+                outs.append(C.heads_to_seq(causal_attention(qc, kc, vc), axes))
+        return jnp.concatenate(outs, axis=2)
 
     return attention
 

@@ -33,6 +33,7 @@ from msmoe_jax.model.moe import (ExpertWeights, combine, expert_capacity, expert
 from msmoe_jax.model.remat import MOE_DISPATCHED, tag
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel.collective_matmul import gather_apply_scatter
+from msmoe_jax.parallel.pipeline import Stages, chunked, compose
 
 
 def group_rank(expert_idx: jax.Array, s, num_experts: int, axes: C.Axes) -> jax.Array:
@@ -49,83 +50,147 @@ def group_rank(expert_idx: jax.Array, s, num_experts: int, axes: C.Axes) -> jax.
     return before_slot[s.slot, s.expert] + before_device[s.slot, s.expert] + within
 
 
-def route_in_group(x, expert_idx, gates, n: int, e_local: int, expert_axes: C.Axes,
-                   tensor_axes: C.Axes, capacity_factor):
-    """Shared first half of the all_to_all dispatches: gather the tokens over expert_tensor,
-    sort the assignments by expert, and decide which fit the EP group's capacity.
+def route_in_group(expert_idx, n: int, e_local: int, expert_axes: C.Axes, tensor_axes: C.Axes,
+                   capacity_factor):
+    """Shared first half of the all_to_all dispatches: gather the assignments over
+    expert_tensor, sort them by expert, and decide which fit the EP group's capacity.
 
-    Returns (x [T, d], expert_idx [T, k], gates [T, k], SortedAssignments, keep [A],
-    capacity or None) where T = local tokens x expert_tensor devices.
+    Returns (expert_idx [T, k], SortedAssignments, keep [A], capacity or None) where
+    T = local tokens x expert_tensor devices.
     """
-    x, expert_idx, gates = (C.gather(a, tensor_axes, axis=0) for a in (x, expert_idx, gates))
+    expert_idx = C.gather(expert_idx, tensor_axes, axis=0)
     t, k = expert_idx.shape
     num_experts = e_local * n
     s = sort_by_expert(expert_idx, num_experts)
     if capacity_factor is None:
-        return x, expert_idx, gates, s, jnp.ones_like(s.rank, bool), None
+        return expert_idx, s, jnp.ones_like(s.rank, bool), None
     capacity = expert_capacity(t * n, k, num_experts, capacity_factor)
     keep = group_rank(expert_idx, s, num_experts, expert_axes) < capacity
-    return x, expert_idx, gates, s, keep, capacity
+    return expert_idx, s, keep, capacity
 
 
-def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int):
+def run_stages(stages: Stages, chunks: int, x, expert_idx, gates, w):
+    """(y [T, d], dropped []) of the stages, chunked with the hand-written backward when
+    ``chunks`` > 1."""
+    if chunks == 1:
+        plan = stages.route(expert_idx)
+        return compose(stages, x, plan, gates, w), stages.dropped(plan)
+    y, plans = chunked(stages, chunks, x, expert_idx, gates, w)
+    return y, sum(stages.dropped(p) for p in plans)
+
+
+def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
+                       chunks: int = 1):
     """ExpertsFn with all_to_all dispatch over ``expert_axes`` (n devices)."""
+
+    def stages(e_local: int, capacity_factor) -> Stages:
+        num_experts = e_local * n
+
+        def route(expert_idx):
+            expert_idx, s, keep, capacity = route_in_group(
+                expert_idx, n, e_local, expert_axes, tensor_axes, capacity_factor)
+            return s, keep
+
+        def send(x, plan):
+            s, keep = plan
+            x = C.gather(x, tensor_axes, axis=0)  # [T*m, d]
+            c = buffer_rows(s, x.shape[0])
+            recv = C.exchange(pack(x, s, keep, c), expert_axes)  # block j from device j
+            return recv.reshape(n, e_local, c, -1).transpose(1, 0, 2, 3).reshape(
+                e_local, n * c, -1)  # [E/n, n*C, d]
+
+        def ret(out, plan):
+            c = out.shape[1] // n
+            out = out.reshape(e_local, n, c, -1).transpose(1, 0, 2, 3).reshape(
+                num_experts, c, -1)
+            return C.exchange(out, expert_axes)  # [E, C, d]: my tokens' rows
+
+        def finish(back, gates, plan):
+            s, keep = plan
+            y = unpack(back, s, keep, C.gather(gates, tensor_axes, axis=0))  # [T*m, d]
+            return C.reduce_scatter(y, tensor_axes, axis=0)
+
+        def buffer_rows(s, t):
+            """Rows per expert buffer: one device can fill an expert's whole capacity."""
+            if capacity_factor is None:
+                return t
+            k = s.token.shape[0] // t
+            return min(t, expert_capacity(t * n, k, num_experts, capacity_factor))
+
+        # The m devices of an expert_tensor group count the same drops.
+        dropped = lambda plan: jnp.sum(~plan[1]).astype(jnp.float32) / m
+        return Stages(route, send, ret, finish, dropped)
 
     @jax.named_scope("moe_dispatch")
     def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
-        e_local = w.w_gate.shape[0]
-        num_experts = e_local * n
-        x, expert_idx, gates, s, keep, capacity = route_in_group(
-            x, expert_idx, gates, n, e_local, expert_axes, tensor_axes, capacity_factor)
-        t = x.shape[0]
-        # One device can fill an expert's whole capacity, so its buffer needs up to that.
-        cap = t if capacity is None else min(t, capacity)
-        buf = pack(x, s, keep, cap)  # [E, C, d]
-        recv = C.exchange(buf, expert_axes)  # [n * E/n, C, d]: block j came from device j
-        rows = recv.reshape(n, e_local, cap, -1).transpose(1, 0, 2, 3).reshape(e_local, n * cap, -1)
-        out = expert_ffn(rows, w)  # [E/n, n*C, d], partial over expert_tensor
-        out = out.reshape(e_local, n, cap, -1).transpose(1, 0, 2, 3).reshape(num_experts, cap, -1)
-        y = unpack(C.exchange(out, expert_axes), s, keep, gates)  # [T*m, d]
-        y = C.reduce_scatter(y, tensor_axes, axis=0)
-        dropped = jnp.sum(~keep).astype(jnp.float32) / m  # the m devices count the same drops
-        return y, dropped
+        return run_stages(stages(w.w_gate.shape[0], capacity_factor), chunks, x, expert_idx,
+                          gates, w)
 
     return experts
 
 
 def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
-                       ring: str = "off"):
-    """ExpertsFn with all_gather / reduce-scatter dispatch over the EP group. ``ring``
-    ("ring"/"bidirectional") runs it as a collective matmul in dropless mode (each arriving
-    block of tokens meets the local experts while the next block and the partial sums travel);
-    capacity mode pools the whole group's tokens first, so it always gathers in one go."""
+                       ring: str = "off", chunks: int = 1):
+    """ExpertsFn with all_gather / reduce-scatter dispatch over the EP group.
+
+    ``ring`` ("ring"/"bidirectional") runs it as a collective matmul in dropless mode: each
+    arriving block of tokens meets the local experts while the next block and the partial
+    sums travel. Capacity mode pools the whole group's tokens first, so it gathers in one go.
+    """
     group = expert_axes + tensor_axes  # gather order: expert index, then expert_tensor index
 
-    def local(x, expert_idx, gates, w, cap: int | None):
-        """The local experts' gate-weighted outputs for these rows ([T, d], partial over the
-        group) and the assignments to them that exceed ``cap`` (None: rows, dropless)."""
-        e_local = w.w_gate.shape[0]
-        s = sort_by_expert(expert_idx, e_local * n)
-        cap = x.shape[0] if cap is None else cap
-        first = C.index(expert_axes) * e_local
-        keep = (s.expert >= first) & (s.expert < first + e_local) & (s.rank < cap)
-        out = expert_ffn(pack(x, s, keep, cap, first, e_local), w)  # [E/n, C, d]
-        counts = jax.lax.dynamic_slice_in_dim(s.counts, first, e_local)
-        return unpack(out, s, keep, gates, first), jnp.sum(jnp.maximum(counts - cap, 0))
+    def stages(e_local: int, capacity_factor) -> Stages:
+        def route(expert_idx):
+            expert_idx = C.gather(expert_idx, group, axis=0)
+            t, k = expert_idx.shape
+            cap = t if capacity_factor is None else expert_capacity(
+                t, k, e_local * n, capacity_factor)
+            return assign(expert_idx, e_local, cap)
+
+        def send(x, plan):
+            s, keep, first, _ = plan
+            cap = route_capacity(s, x.shape[0] * n * m)
+            return pack(C.gather(x, group, axis=0), s, keep, cap, first, e_local)
+
+        def route_capacity(s, t):
+            if capacity_factor is None:
+                return t
+            return expert_capacity(t, s.token.shape[0] // t, e_local * n, capacity_factor)
+
+        def finish(out, gates, plan):
+            s, keep, first, _ = plan
+            y = unpack(out, s, keep, C.gather(gates, group, axis=0), first)
+            return C.reduce_scatter(y, group, axis=0)
+
+        dropped = lambda plan: plan[3].astype(jnp.float32) / m
+        return Stages(route, send, lambda out, plan: out, finish, dropped,
+                      recompute_send=True)
 
     @jax.named_scope("moe_dispatch")
     def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
+        st = stages(w.w_gate.shape[0], capacity_factor)
         if ring != "off" and capacity_factor is None:
-            y = gather_apply_scatter(lambda blk: local(*blk, w, None)[0], (x, expert_idx, gates),
+            y = gather_apply_scatter(lambda rows: local_block(rows, w), (x, expert_idx, gates),
                                      group, n * m, axis=0, bidirectional=ring == "bidirectional")
             return y, jnp.zeros((), jnp.float32)
-        x, expert_idx, gates = (C.gather(a, group, axis=0) for a in (x, expert_idx, gates))
-        t, k = expert_idx.shape
-        cap = None if capacity_factor is None else expert_capacity(
-            t, k, w.w_gate.shape[0] * n, capacity_factor)
-        y, dropped = local(x, expert_idx, gates, w, cap)
-        y = C.reduce_scatter(y, group, axis=0)
-        return y, dropped.astype(jnp.float32) / m
+        return run_stages(st, chunks, x, expert_idx, gates, w)
+
+    def assign(expert_idx, e_local: int, cap: int):
+        """Sorts [T, k] assignments by expert and keeps those to this device's experts within
+        ``cap``; plan = (SortedAssignments, keep [A], first local expert, drops here)."""
+        s = sort_by_expert(expert_idx, e_local * n)
+        first = C.index(expert_axes) * e_local
+        keep = (s.expert >= first) & (s.expert < first + e_local) & (s.rank < cap)
+        counts = jax.lax.dynamic_slice_in_dim(s.counts, first, e_local)
+        return s, keep, first, jnp.sum(jnp.maximum(counts - cap, 0))
+
+    def local_block(rows, w):
+        """The local experts' gate-weighted outputs for one block of the group's tokens (the
+        ring's step): rows = (x [B, d], expert_idx [B, k], gates [B, k]) -> [B, d] partial."""
+        x, expert_idx, gates = rows
+        s, keep, first, _ = assign(expert_idx, w.w_gate.shape[0], x.shape[0])
+        out = expert_ffn(pack(x, s, keep, x.shape[0], first, w.w_gate.shape[0]), w)
+        return unpack(out, s, keep, gates, first)
 
     return experts
 
@@ -143,8 +208,9 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
     def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
         e_local = w.w_gate.shape[0]
         num_experts = e_local * n
-        x, expert_idx, gates, s, keep, capacity = route_in_group(
-            x, expert_idx, gates, n, e_local, expert_axes, tensor_axes, capacity_factor)
+        x, gates = (C.gather(a, tensor_axes, axis=0) for a in (x, gates))
+        expert_idx, s, keep, capacity = route_in_group(
+            expert_idx, n, e_local, expert_axes, tensor_axes, capacity_factor)
         t, k = expert_idx.shape
         most = t * min(k, e_local)  # rows one device can send to another
         if capacity is not None:

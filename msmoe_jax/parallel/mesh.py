@@ -140,6 +140,24 @@ class Layout:
             need(m.resolved_shared_d_ff % sizes["tensor"] == 0, "model.shared_d_ff",
                  f"must be divisible by parallel.tensor={sizes['tensor']}, "
                  f"got {m.resolved_shared_d_ff}")
+        c = p.chunks
+        need(c >= 1, "parallel.chunks", f"must be a positive integer, got {c}")
+        if c > 1:
+            need(m.moe_mode == "dropless", "parallel.chunks",
+                 "chunks > 1 needs model.moe_mode='dropless' (capacity is pooled over all of a "
+                 "layer's tokens), got 'capacity'")
+            need(p.all_to_all != "ragged", "parallel.chunks",
+                 "chunks > 1 runs the padded all_to_all or the all_gather dispatch; set "
+                 "parallel.all_to_all to 'padded' or 'auto', not 'ragged'")
+            tokens = t.batch_size // sizes["data"] * t.seq_len // seq_split
+            need(tokens % c == 0, "parallel.chunks",
+                 f"must divide the tokens per device ({tokens}), got {c}")
+            if p.attention == "ulysses" and seq_split > 1:
+                g = seq_split * c
+                need(m.num_heads % g == 0 and (kv % g == 0 or g % kv == 0), "parallel.chunks",
+                     f"Ulysses splits heads into chunks x devices = {g} groups: model.num_heads"
+                     f"={m.num_heads} must be divisible by it and model.num_kv_heads={kv} "
+                     "must divide or be a multiple of it")
         dispatch = p.dispatch
         if dispatch == "auto":
             # Per device and layer, all_to_all moves ~T*k*(n-1)/n token rows each way and

@@ -36,7 +36,7 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
     tensor = layout.axes["tensor"]
     ring = cfg.parallel.collective_matmul
     if layout.attention == "ulysses":
-        attention = dict(attention=ulysses_attention(seq, n_seq))
+        attention = dict(attention=ulysses_attention(seq, n_seq, cfg.parallel.chunks))
     else:
         kv_sharded = layout.num_kv_heads % n_seq == 0
         attention = dict(attention_in=gather_sequence(seq, n_seq, ring),
@@ -45,17 +45,21 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
                                               "tensor_attention"))
     expert, et = layout.axes["expert"], layout.axes["expert_tensor"]
     gpu = jax.default_backend() == "gpu"
-    ragged = cfg.parallel.all_to_all == "ragged" or (cfg.parallel.all_to_all == "auto" and gpu)
+    # The chunked pipeline runs the padded exchange (its stages have static shapes).
+    ragged = cfg.parallel.all_to_all == "ragged" or (
+        cfg.parallel.all_to_all == "auto" and gpu and cfg.parallel.chunks == 1)
     if size["expert"] == 1 and size["expert_tensor"] == 1:
         experts = local_experts(cfg.model.expert_compute)
     elif layout.dispatch == "all_gather":
-        experts = experts_all_gather(expert, size["expert"], et, size["expert_tensor"], ring)
+        experts = experts_all_gather(expert, size["expert"], et, size["expert_tensor"], ring,
+                                     cfg.parallel.chunks)
     elif ragged:
         exchange = C.ragged_exchange if gpu else C.ragged_exchange_padded
         experts = experts_ragged_all_to_all(expert, size["expert"], et, size["expert_tensor"],
                                             exchange)
     else:
-        experts = experts_all_to_all(expert, size["expert"], et, size["expert_tensor"])
+        experts = experts_all_to_all(expert, size["expert"], et, size["expert_tensor"],
+                                     cfg.parallel.chunks)
     n_tensor = size["tensor"]
     return LayerOps(**attention, ffn_in=scoped(gather_then(tensor, n_tensor, ring), "tensor_ffn"),
                     ffn_out=scoped(then_scatter(tensor, n_tensor, ring), "tensor_ffn"),
