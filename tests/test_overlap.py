@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from test_parallel import AG, MODEL, check_against_reference
+from test_parallel import A2A, AG, MODEL, check_against_reference
 
 RING, BIDIR = {"collective_matmul": "ring"}, {"collective_matmul": "bidirectional"}
 SCHEDULES = {
@@ -19,6 +19,14 @@ SCHEDULES = {
          **AG, **BIDIR}, {}),
     "seq4xdata2-ep8-gather-bidirectional": (
         {"data": 2, "sequence": 4, "expert_data": 1, "expert": 8, **AG, **BIDIR}, {}),
+    # Chunked pipelines: Ulysses head groups and MoE token chunks with the custom backward.
+    "seq4xdata2-ep8-a2a-chunks2": (
+        {"data": 2, "sequence": 4, "expert_data": 1, "expert": 8, **A2A, "chunks": 2}, {}),
+    "seq2xdata2xtp2-ep4xetp2-a2a-chunks4": (
+        {"data": 2, "sequence": 2, "tensor": 2, "expert_data": 1, "expert": 4,
+         "expert_tensor": 2, **A2A, "chunks": 4}, {"num_heads": 16}),
+    "seq4xdata2-ep4xed2-gather-chunks2": (
+        {"data": 2, "sequence": 4, "expert_data": 2, "expert": 4, **AG, "chunks": 2}, {}),
 }
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from msmoe_jax.model.moe import ExpertWeights, expert_ffn
+from msmoe_jax.model.remat import MOE_COMBINED, MOE_DISPATCHED, tag
 
 
 class Stages(NamedTuple):
@@ -61,11 +62,13 @@ def chunked(stages: Stages, chunks: int, x, expert_idx, gates, w: ExpertWeights)
     return jnp.concatenate(ys, axis=0), plans
 
 
-def _transpose(linear_fn, example):
-    """The transpose of ``linear_fn`` at ``example``'s shape: cotangent of its output ->
-    cotangent of its input (for a collective: the transposed collective)."""
-    t = jax.linear_transpose(linear_fn, jax.ShapeDtypeStruct(example.shape, example.dtype))
-    return lambda ct: t(ct)[0]
+def _transpose(linear_fn, like):
+    """The transpose of ``linear_fn`` (cotangent of its output -> cotangent of its input; for
+    a collective, the transposed collective). ``like`` is any array of the input's type (shape,
+    dtype and device variance): a linear function's VJP does not depend on the point, and its
+    forward value is unused and removed by the compiler."""
+    _, vjp = jax.vjp(linear_fn, like)
+    return lambda ct: vjp(ct)[0]
 
 
 def _forward(stages, plans, xs, gs, w):
@@ -87,8 +90,9 @@ def _make_pipeline(stages: Stages):
 
     def fwd(plans, xs, gs, w):
         ys, recvs, backs = _forward(stages, plans, xs, gs, w)
-        kept = xs if stages.recompute_send else tuple(recvs)
-        return ys, (plans, kept, tuple(backs), gs, w)
+        kept = xs if stages.recompute_send else tuple(tag(r, MOE_DISPATCHED) for r in recvs)
+        backs = tuple(tag(b, MOE_COMBINED) for b in backs)
+        return ys, (plans, kept, backs, gs, w)
 
     def bwd(res, dys):
         plans, kept, backs, gs, w = res
@@ -100,13 +104,12 @@ def _make_pipeline(stages: Stages):
                 _, finish_vjp = jax.vjp(lambda b, g, plan=plan: stages.finish(b, g, plan),
                                         back, g)
                 dback, dg = finish_vjp(dy)
-                out_example = jax.eval_shape(stages.ffn, recv, w)
-                dout = _transpose(lambda o, plan=plan: stages.ret(o, plan), out_example)(dback)
+                # The experts keep their rows' shape and dtype, so recv stands in for out.
+                dout = _transpose(lambda o, plan=plan: stages.ret(o, plan), recv)(dback)
                 # Data gradient only: recomputes the SwiGLU input from the dispatched rows.
                 _, ffn_vjp = jax.vjp(lambda r: stages.ffn(r, w), recv)
                 drecv, = ffn_vjp(dout)
-                x_example = saved if stages.recompute_send else dy  # x has y's shape
-                dxs.append(_transpose(send, x_example)(drecv))
+                dxs.append(_transpose(send, dy)(drecv))  # x has y's type
                 dgs.append(dg)
                 recvs.append(recv)
                 douts.append(dout)
