@@ -1,0 +1,167 @@
+"""A compiled XLA program as a graph: the entry computation's instructions in schedule order,
+their operands, result shapes, FLOPs, bytes touched and (for collectives) the device groups.
+
+Read from ``compiled.as_text()`` (post-optimisation HLO, scheduled): a fusion's FLOPs are the
+dots inside it; its bytes are what it reads and writes in memory (operands + results).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+               "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
+               "collective-permute")
+# Bookkeeping that costs nothing at run time (or waits on something else that does).
+FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+        "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"}
+
+_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
+                   r"(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    op: str  # HLO opcode, "-start"/"-done" suffixes kept
+    arrays: list[tuple[str, tuple[int, ...]]]  # result arrays (dtype, shape)
+    operands: list[str]
+    attrs: str
+    op_name: str  # metadata op_name (JAX's name stack), "" if none
+    calls: list[str]
+
+    @property
+    def result_bytes(self) -> int:
+        return sum(DTYPE_BYTES[d] * math.prod(s) for d, s in self.arrays)
+
+    @property
+    def collective(self) -> str | None:
+        base = self.op.removesuffix("-start")
+        return base if base in COLLECTIVES and not self.op.endswith("-done") else None
+
+
+def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(d, tuple(int(x) for x in dims.split(",") if x))
+            for d, dims in _ARRAY.findall(text) if d in DTYPE_BYTES]
+
+
+def _split_args(rest: str) -> tuple[str, str]:
+    depth = 1
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return rest[:i], rest[i + 1:]
+    return rest, ""
+
+
+def parse(text: str) -> tuple[list[Instr], dict[str, list[Instr]]]:
+    """(entry instructions in order, {computation name: instructions})."""
+    comps: dict[str, list[Instr]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = comps.setdefault(head.group(2), [])
+            if head.group(1):
+                entry = head.group(2)
+            continue
+        m = _LINE.match(line)
+        if not m or current is None:
+            continue
+        args, attrs = _split_args(m.group("rest"))
+        name = re.search(r'op_name="([^"]*)"', attrs)
+        current.append(Instr(
+            m.group("name"), m.group("op"), _arrays(m.group("shape")),
+            re.findall(r"%([\w.\-]+)", args), attrs, name.group(1) if name else "",
+            _CALLS.findall(attrs) + re.findall(r"%([\w.\-]+)", " ".join(
+                re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", attrs)))))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    for instr in comps[entry]:  # fusions often carry no name: take their dot's (or root's)
+        if not instr.op_name and instr.calls:
+            body = comps.get(instr.calls[0], [])
+            named = [i for i in body if i.op == "dot" and i.op_name] or [
+                i for i in reversed(body) if i.op_name]
+            instr.op_name = named[0].op_name if named else ""
+    return comps[entry], comps
+
+
+def dot_flops(instr: Instr, shapes: dict[str, tuple[int, ...]]) -> float:
+    """2 x (result elements) x (contracted elements) of a dot."""
+    m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
+    lhs = shapes.get(instr.operands[0]) if instr.operands else None
+    if lhs is None:
+        return 0.0
+    contracted = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i) if m else 1
+    out = math.prod(instr.arrays[0][1]) if instr.arrays else 0
+    return 2.0 * out * contracted
+
+
+def flops(instr: Instr, comps: dict[str, list[Instr]], shapes: dict) -> float:
+    """Matmul FLOPs of an instruction, looking inside the computations it calls (fusions);
+    other arithmetic is counted as memory traffic, not FLOPs."""
+    if instr.op == "dot":
+        return dot_flops(instr, shapes)
+    total = 0.0
+    for callee in instr.calls:
+        body = comps.get(callee, [])
+        inner = {i.name: i.arrays[0][1] for i in body if i.arrays}
+        total += sum(flops(i, comps, inner) for i in body)
+    return total
+
+
+def replica_groups(instr: Instr, num_devices: int) -> list[list[int]]:
+    """The device groups of a collective (partition ids), from explicit or iota groups; a
+    collective-permute gives its source-target pairs."""
+    a = instr.attrs
+    if instr.op.startswith("collective-permute"):
+        m = re.search(r"source_target_pairs=\{(.*?)\}\}", a)
+        return [[int(x) for x in p.split(",")] for p in re.findall(r"\{?(\d+,\d+)", m.group(1))] \
+            if m else [list(range(num_devices))]
+    m = re.search(r"replica_groups=\{(\{[0-9,{} ]*\})\}", a)
+    if m:
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}",
+                                                                        m.group(1))]
+    m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", a)
+    if m:
+        shape = [int(x) for x in m.group(1).split(",")]
+        dims = [int(x) for x in m.group(2).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        return ids.reshape(shape).tolist()
+    return [list(range(num_devices))]
+
+
+def collective_payload(instr: Instr) -> int:
+    """Bytes of the collective's data per device: the result (an async start's results are
+    the second half of its tuple)."""
+    arrays = instr.arrays
+    if instr.op.endswith("-start"):
+        arrays = [x for x in arrays if x[1]]
+        arrays = arrays[len(arrays) // 2:]
+    return sum(DTYPE_BYTES[d] * math.prod(s) for d, s in arrays)
+
+
+def dependents(instrs: list[Instr]) -> dict[str, set[str]]:
+    """Transitive users: name -> every instruction reachable from it."""
+    users: dict[str, list[str]] = {i.name: [] for i in instrs}
+    for i in instrs:
+        for o in i.operands:
+            if o in users:
+                users[o].append(i.name)
+    reach: dict[str, set[str]] = {}
+    for i in reversed(instrs):  # schedule order is topological
+        s: set[str] = set()
+        for u in users[i.name]:
+            s.add(u)
+            s |= reach[u]
+        reach[i.name] = s
+    return reach
