@@ -96,9 +96,10 @@ class ParallelConfig:
     # overlapped with the GEMMs beside them. "bidirectional" sends half of each block each way.
     collective_matmul: Literal["off", "ring", "bidirectional"] = "off"
     # Chunked pipelines inside a layer: the MoE block's tokens (and the Ulysses attention's
-    # heads) are split into this many chunks, so chunk i+1's all_to_all/all_gather overlaps
-    # chunk i's GEMMs; the MoE backward is hand-scheduled (parallel/pipeline.py). 1 = off.
-    # Needs dropless MoE and the padded all_to_all or the all_gather dispatch.
+    # heads, in as many groups up to this as the heads allow) are split into this many chunks,
+    # so chunk i+1's all_to_all/all_gather overlaps chunk i's GEMMs; the MoE backward is
+    # hand-scheduled (parallel/pipeline.py). 1 = off. Needs dropless MoE and the padded
+    # all_to_all or the all_gather dispatch.
     chunks: int = 1
 
 

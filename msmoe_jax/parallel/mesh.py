@@ -152,12 +152,6 @@ class Layout:
             tokens = t.batch_size // sizes["data"] * t.seq_len // seq_split
             need(tokens % c == 0, "parallel.chunks",
                  f"must divide the tokens per device ({tokens}), got {c}")
-            if p.attention == "ulysses" and seq_split > 1:
-                g = seq_split * c
-                need(m.num_heads % g == 0 and (kv % g == 0 or g % kv == 0), "parallel.chunks",
-                     f"Ulysses splits heads into chunks x devices = {g} groups: model.num_heads"
-                     f"={m.num_heads} must be divisible by it and model.num_kv_heads={kv} "
-                     "must divide or be a multiple of it")
         dispatch = p.dispatch
         if dispatch == "auto":
             # Per device and layer, all_to_all moves ~T*k*(n-1)/n token rows each way and

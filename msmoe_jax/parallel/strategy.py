@@ -36,7 +36,9 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
     tensor = layout.axes["tensor"]
     ring = cfg.parallel.collective_matmul
     if layout.attention == "ulysses":
-        attention = dict(attention=ulysses_attention(seq, n_seq, cfg.parallel.chunks))
+        attention = dict(attention=ulysses_attention(
+            seq, n_seq, head_chunks(cfg.parallel.chunks, n_seq, cfg.model.num_heads,
+                                    layout.num_kv_heads)))
     else:
         kv_sharded = layout.num_kv_heads % n_seq == 0
         attention = dict(attention_in=gather_sequence(seq, n_seq, ring),
@@ -64,6 +66,17 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
     return LayerOps(**attention, ffn_in=scoped(gather_then(tensor, n_tensor, ring), "tensor_ffn"),
                     ffn_out=scoped(then_scatter(tensor, n_tensor, ring), "tensor_ffn"),
                     experts=experts, remat_policy=remat_policy(cfg.train.remat))
+
+
+def head_chunks(chunks: int, n: int, heads: int, kv: int) -> int:
+    """The most head groups, up to ``chunks``, that Ulysses can exchange one by one: each
+    group needs n query heads per device and its KV heads (repeated where fewer) dividing
+    evenly."""
+    for c in range(chunks, 0, -1):
+        g = n * c
+        if heads % g == 0 and (kv % g == 0 or g % kv == 0):
+            return c
+    return 1
 
 
 def param_specs(params, layout: Layout):

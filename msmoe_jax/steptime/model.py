@@ -1,0 +1,181 @@
+"""Step-time model: a compiled training step as a timeline on a modelled cluster.
+
+Every instruction of the compiled program gets a duration: compute from its matmul FLOPs and
+the bytes it moves at the device's rates (a roofline, plus a launch cost); a collective from
+its bytes per device, its group and an alpha-beta link model (NVLink inside a node, the
+network across nodes). Compute runs on one stream and communication on another, each in the
+program's order, and every instruction starts when its stream is free and its operands are
+ready. ``overlap=False`` puts everything on one stream (no overlap at all).
+
+Devices are numbered as the program's partition ids (the mesh's row-major order) and
+``gpus_per_node`` consecutive ids share a node, so the mesh's last axes are the ones inside
+a node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+from msmoe_jax.steptime.hlo import FREE, Instr, collective_payload, flops, parse, replica_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s per device
+    mem_bw: float  # HBM bytes/s
+    nvlink_bw: float  # bytes/s per device per direction inside a node
+    net_bw: float  # bytes/s per device per direction across nodes
+    nvlink_alpha: float = 3e-6  # seconds per message step
+    net_alpha: float = 10e-6
+    gpus_per_node: int = 8
+    matmul_efficiency: float = 0.7  # achieved / peak on large GEMMs (calibrate from a run)
+    mem_efficiency: float = 0.8
+    link_efficiency: float = 0.8  # achieved / nominal bandwidth of collectives
+    launch: float = 2e-6  # per compute kernel
+
+    def scaled(self, **fields) -> "Hardware":
+        return dataclasses.replace(self, **fields)
+
+
+HARDWARE = {
+    # H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3, NVLink4 450 GB/s each way,
+    # one 400 Gb/s NIC per GPU.
+    "h100": Hardware("H100", 989e12, 3.35e12, 450e9, 50e9),
+    # H800: the H100 with NVLink cut to 200 GB/s each way (MegaScale-MoE's kind of cluster).
+    "h800": Hardware("H800", 989e12, 3.35e12, 200e9, 50e9),
+}
+
+
+def calibrate(hw: Hardware, measured_tflops: float) -> Hardware:
+    """``hw`` with its matmul efficiency set from a measured large-GEMM rate (TFLOP/s)."""
+    return hw.scaled(matmul_efficiency=measured_tflops * 1e12 / hw.peak_flops)
+
+
+class Op(NamedTuple):
+    name: str
+    stream: str  # "compute", "comm", or "none" (bookkeeping: ready when its operands are)
+    seconds: float
+    deps: tuple[str, ...]
+
+
+class Timeline(NamedTuple):
+    step: float  # seconds
+    compute: float  # busy time of the compute stream
+    comm: float  # busy time of the communication stream
+    exposed_comm: float  # step - compute: time the compute stream waits on communication
+    starts: dict[str, float]
+    ends: dict[str, float]
+
+
+def schedule(ops: list[Op], overlap: bool = True) -> Timeline:
+    """Runs ``ops`` (in program order, deps earlier in the list) on a compute and a
+    communication stream, each in order; one shared stream when ``overlap`` is False."""
+    free = {"compute": 0.0, "comm": 0.0}
+    starts, ends = {}, {}
+    busy = {"compute": 0.0, "comm": 0.0}
+    for op in ops:
+        ready = max([ends[d] for d in op.deps if d in ends], default=0.0)
+        if op.stream == "none":
+            starts[op.name] = ends[op.name] = ready
+            continue
+        stream = op.stream if overlap else "compute"
+        start = max(free[stream], ready)
+        starts[op.name], ends[op.name] = start, start + op.seconds
+        free[stream] = ends[op.name]
+        busy[op.stream] += op.seconds
+    step = max(ends.values(), default=0.0)
+    return Timeline(step, busy["compute"], busy["comm"], step - busy["compute"], starts, ends)
+
+
+def collective_seconds(kind: str, payload: float, group: list[int], hw: Hardware,
+                       n_groups_hint: int = 1) -> float:
+    """alpha-beta time of one collective for one device of ``group``.
+
+    payload: bytes of the result per device (the operand for reduce-scatter is n x that).
+    Ring all-gather / reduce-scatter move (n-1)/n of the full buffer in n-1 steps, all-reduce
+    twice that; all-to-all sends (n-1)/n of its buffer, to peers inside the node over NVLink
+    and to the rest over the network at the same time; a permute sends its buffer once.
+    """
+    n = len(group)
+    if n <= 1:
+        return 0.0
+    nodes = {d // hw.gpus_per_node for d in group}
+    inside = sum(1 for d in group if d // hw.gpus_per_node == group[0] // hw.gpus_per_node)
+    nv = hw.nvlink_bw * hw.link_efficiency
+    net = hw.net_bw * hw.link_efficiency
+    one_node = len(nodes) == 1
+    alpha = hw.nvlink_alpha if one_node else hw.net_alpha
+    if kind == "collective-permute":
+        return alpha + payload / (nv if one_node else net)
+    if kind in ("all-to-all", "ragged-all-to-all"):
+        intra = payload * (inside - 1) / n
+        inter = payload * (n - inside) / n
+        return alpha + max(intra / nv, inter / net if inter else 0.0)
+    full = payload * (n if kind == "reduce-scatter" else 1)
+    moved = full * (n - 1) / n * (2 if kind == "all-reduce" else 1)
+    steps = (n - 1) * (2 if kind == "all-reduce" else 1)
+    return steps * alpha + moved / (nv if one_node else net)
+
+
+def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
+                activation_bytes_scale: float = 1.0) -> tuple[list[Op], float]:
+    """The compiled program as Ops (one per entry instruction) and its total matmul FLOPs.
+
+    ``activation_bytes_scale`` multiplies the bytes of collectives outside the gradient
+    reductions (0.5 turns f32 activations back into bf16 where XLA:CPU widened them).
+    """
+    entry, comps = parse(hlo_text)
+    shapes = {i.name: i.arrays[0][1] for i in entry if i.arrays}
+    sizes = {i.name: i.result_bytes for i in entry}
+    ops, total_flops = [], 0.0
+    for instr in entry:
+        deps = tuple(instr.operands)
+        kind = instr.collective
+        if instr.op.endswith("-done"):  # async pair: the start carries the time
+            ops.append(Op(instr.name, "none", 0.0, deps))
+            continue
+        if kind:
+            payload = collective_payload(instr)
+            if _is_activation(instr):
+                payload *= activation_bytes_scale
+            groups = replica_groups(instr, num_devices)
+            group = groups[0] if kind != "collective-permute" else _permute_group(groups, hw)
+            ops.append(Op(instr.name, "comm", collective_seconds(kind, payload, group, hw), deps))
+            continue
+        if instr.op in FREE:
+            ops.append(Op(instr.name, "none", 0.0, deps))
+            continue
+        f = flops(instr, comps, shapes)
+        total_flops += f
+        moved = instr.result_bytes + sum(sizes.get(o, 0) for o in instr.operands)
+        seconds = max(f / (hw.peak_flops * hw.matmul_efficiency),
+                      moved / (hw.mem_bw * hw.mem_efficiency)) + hw.launch
+        ops.append(Op(instr.name, "compute", seconds, deps))
+    return ops, total_flops
+
+
+def _is_activation(instr: Instr) -> bool:
+    return any(s in instr.op_name for s in ("moe_dispatch", "ulysses", "tensor_attention",
+                                            "tensor_ffn"))
+
+
+def _permute_group(pairs: list[list[int]], hw: Hardware) -> list[int]:
+    """A permute's slowest pair decides: two ids on different nodes if any pair crosses."""
+    for a, b in pairs:
+        if a // hw.gpus_per_node != b // hw.gpus_per_node:
+            return [a, b]
+    return pairs[0] if pairs else [0]
+
+
+def model_step(hlo_text: str, num_devices: int, hw: Hardware, overlap: bool = True,
+               activation_bytes_scale: float = 1.0) -> tuple[Timeline, float]:
+    """(Timeline, matmul FLOPs per device) of one compiled step on ``hw``."""
+    ops, total = program_ops(hlo_text, num_devices, hw, activation_bytes_scale)
+    return schedule(ops, overlap), total
+
+
+def mfu(model_flops_per_device: float, step_seconds: float, hw: Hardware) -> float:
+    return model_flops_per_device / (step_seconds * hw.peak_flops) if step_seconds else math.nan
