@@ -12,12 +12,11 @@ import dataclasses
 import math
 import re
 
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
-               "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+from msmoe_jax.steptime.hlo import DTYPE_BYTES, arrays_in
+
 OPS = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
        "collective-permute")
 _INSTR = re.compile(r"=\s*(?P<result>.+?)\s+(?P<op>" + "|".join(OPS) + r")(?P<start>-start)?\((?P<args>.*)")
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 
 
 # Named scopes (``jax.named_scope``) that the parallel code puts around its collectives; the
@@ -32,14 +31,6 @@ class Collective:
     shapes: tuple[tuple[int, ...], ...]  # the op's results (several when XLA combined ops)
     group: int  # devices per replica group
     bytes: float  # moved per device per call
-
-
-def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
-    out = []
-    for dtype, dims in _ARRAY.findall(text):
-        if dtype in DTYPE_BYTES:
-            out.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
-    return out
 
 
 def _group_size(attrs: str, default: int) -> int:
@@ -62,7 +53,7 @@ def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
         m = _INSTR.search(line)
         if not m:
             continue
-        op, arrays = m.group("op"), _arrays(m.group("result"))
+        op, arrays = m.group("op"), arrays_in(m.group("result"))
         if m.group("start"):
             # Async start ops return (operands..., results..., [context scalars]).
             arrays = [a for a in arrays if a[1]]

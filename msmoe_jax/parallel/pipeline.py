@@ -58,7 +58,7 @@ def chunked(stages: Stages, chunks: int, x, expert_idx, gates, w: ExpertWeights)
     for i, idx in enumerate(split(expert_idx)):
         with jax.named_scope(f"chunk{i}"):
             plans.append(stages.route(idx))
-    ys = _pipeline(stages, tuple(plans), split(x), split(gates), w)
+    ys = _make_pipeline(stages)(tuple(plans), split(x), split(gates), w)
     return jnp.concatenate(ys, axis=0), plans
 
 
@@ -128,6 +128,3 @@ def _make_pipeline(stages: Stages):
     pipeline.defvjp(fwd, bwd)
     return pipeline
 
-
-def _pipeline(stages, plans, xs, gs, w):
-    return _make_pipeline(stages)(plans, xs, gs, w)

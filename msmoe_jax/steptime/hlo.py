@@ -47,7 +47,8 @@ class Instr:
         return base if base in COLLECTIVES and not self.op.endswith("-done") else None
 
 
-def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
+def arrays_in(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Every (dtype, shape) array written in an HLO shape text, e.g. ``(f32[2,3], s32[])``."""
     return [(d, tuple(int(x) for x in dims.split(",") if x))
             for d, dims in _ARRAY.findall(text) if d in DTYPE_BYTES]
 
@@ -78,7 +79,7 @@ def parse(text: str) -> tuple[list[Instr], dict[str, list[Instr]]]:
         args, attrs = _split_args(m.group("rest"))
         name = re.search(r'op_name="([^"]*)"', attrs)
         current.append(Instr(
-            m.group("name"), m.group("op"), _arrays(m.group("shape")),
+            m.group("name"), m.group("op"), arrays_in(m.group("shape")),
             re.findall(r"%([\w.\-]+)", args), attrs, name.group(1) if name else "",
             _CALLS.findall(attrs) + re.findall(r"%([\w.\-]+)", " ".join(
                 re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", attrs)))))
