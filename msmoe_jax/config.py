@@ -138,6 +138,30 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class KernelConfig:
+    """Which implementation runs the routed experts' grouped GEMM (where experts compute on
+    expert-sorted rows: ``model.expert_compute=ragged_dot`` without expert parallelism, and the
+    ragged all_to_all dispatch) and its tiles."""
+
+    # "xla": jax.lax.ragged_dot. "pallas": msmoe_jax/kernels (Triton lowering on GPU, the Pallas
+    # interpreter elsewhere, which is slow and meant for tests). "auto": xla on every backend
+    # until a GPU measurement shows the kernel faster (docs/performance.md).
+    grouped_gemm: Literal["auto", "xla", "pallas"] = "auto"
+    # pallas without expert parallelism: permute tokens in the GEMM prologue and un-permute
+    # them, gate-weighted, in the epilogue (no expert-sorted copy of the activations).
+    fuse_permute: bool = True
+    block_m: int = 128  # rows per tile
+    block_n: int = 128  # output columns per tile
+    block_k: int = 64  # contraction step
+    num_warps: int = 8
+    num_stages: int = 3
+
+    @property
+    def resolved(self) -> str:
+        return "xla" if self.grouped_gemm == "auto" else self.grouped_gemm
+
+
+@dataclasses.dataclass
 class CheckpointConfig:
     every: int = 100  # save every N steps (and at the end); 0 disables checkpoints
     keep: int = 2
@@ -168,6 +192,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    kernel: KernelConfig = dataclasses.field(default_factory=KernelConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
@@ -218,6 +243,19 @@ class Config:
         need(m.z_loss_coef >= 0, "model.z_loss_coef", f"must be >= 0, got {m.z_loss_coef}")
         need(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
         need(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
+
+        kc = self.kernel
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(kc, name)
+            need(v >= 16 and v & (v - 1) == 0, f"kernel.{name}",
+                 f"must be a power of two >= 16, got {v}")
+        need(kc.num_warps in (1, 2, 4, 8, 16), "kernel.num_warps",
+             f"must be one of 1, 2, 4, 8, 16, got {kc.num_warps}")
+        need(kc.num_stages >= 1, "kernel.num_stages", f"must be >= 1, got {kc.num_stages}")
+        if kc.resolved == "pallas":
+            need(m.expert_compute != "padded", "kernel.grouped_gemm",
+                 "'pallas' runs the grouped expert GEMM, but model.expert_compute is 'padded'; "
+                 "set model.expert_compute to 'ragged_dot' or 'auto'")
 
         o = self.optimizer
         need(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")

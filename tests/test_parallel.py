@@ -92,10 +92,11 @@ def test_layout_matches_single_device(name):
     check_against_reference(parallel, {**MODEL, **model})
 
 
-def check_against_reference(parallel: dict, model: dict, train: dict | None = None):
+def check_against_reference(parallel: dict, model: dict, train: dict | None = None,
+                            kernel: dict | None = None):
     """Loss, metrics and every parameter's gradient of the layout equal the single-device
     reference's (fp32). Returns the compiled parallel step."""
-    cfg = tiny_config(parallel=parallel, model=model, train=train or {})
+    cfg = tiny_config(parallel=parallel, model=model, train=train or {}, kernel=kernel or {})
     layout = Layout.from_config(cfg, 8)
     mesh = make_mesh(layout)
     graphdef, _, state, specs = init_state(cfg, mesh, layout)

@@ -98,6 +98,50 @@ def work_items(group_sizes: jax.Array, m: int, bm: int):
     return group, tile.astype(jnp.int32), start, end
 
 
+def _varying(x) -> frozenset:
+    """Mesh axes ``x`` varies over inside ``shard_map`` (empty outside; jax 0.10 keeps them in
+    the aval's manual axis type, older versions in ``vma``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
+    """Output type of a kernel: inside ``shard_map`` it varies over every axis an input does."""
+    varying = frozenset().union(*(_varying(a) for a in inputs))
+    mat = getattr(jax.typeof(inputs[0]), "mat", None)
+    if mat is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(mat)(varying=varying))
+    if hasattr(jax.typeof(inputs[0]), "vma"):
+        return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _vary_alike(*arrays):
+    """The arrays, each made varying over every mesh axis one of them varies over, as the
+    interpreter's ops inside ``shard_map`` require (the transpose sums the cotangents)."""
+    varying = frozenset().union(*(_varying(a) for a in arrays))
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(varying - _varying(a)))
+        if missing:
+            a = (jax.lax.pcast(a, missing, to="varying") if hasattr(jax.lax, "pcast")
+                 else jax.lax.pvary(a, missing))
+        out.append(a)
+    return out
+
+
+def _like(ct, primal):
+    """A cotangent typed like its primal: summed over the mesh axes it varies over and the
+    primal does not (the transpose of using a replicated operand on per-device data)."""
+    if ct is None:
+        return None
+    extra = _varying(ct) - _varying(primal)
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
 def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
@@ -119,16 +163,17 @@ def _gmm_kernel(group_ref, tile_ref, start_ref, end_ref, src_ref, dst_ref, scale
     src = rows if src_ref is None else jnp.clip(plt.load(src_ref.at[rows]), 0, m_in - 1)
     e = jnp.minimum(g, num_groups - 1)
     k_steps = lhs_ref.shape[1] // bk
-    precision = _precision(lhs_ref.dtype)
+    precision = _precision(rhs_ref.dtype)
 
     def step(i, acc):
         ks = pl.ds(i * bk, bk)
         a = plt.load(lhs_ref.at[_block(src, i * bk, bk)], mask=valid[:, None], other=0)
+        a = a.astype(rhs_ref.dtype)  # e.g. a float32 cotangent against bf16 weights
         if transpose_rhs:  # rhs [G, N, K]: the data gradient reads the weights transposed
             b = plt.load(rhs_ref.at[e, pl.ds(j * bn, bn), ks])
-            return acc + pl.dot(a, b, trans_b=True, precision=precision)
+            return acc + plt.dot(a, b, trans_b=True, precision=precision)
         b = plt.load(rhs_ref.at[e, ks, pl.ds(j * bn, bn)])
-        return acc + pl.dot(a, b, precision=precision)
+        return acc + plt.dot(a, b, precision=precision)
 
     # Only real groups multiply; the padding group and unused items write zeros / nothing.
     acc = jax.lax.fori_loop(0, jnp.where(g < num_groups, k_steps, 0), step,
@@ -157,8 +202,9 @@ def _tgmm_kernel(start_ref, end_ref, src_ref, dst_ref, scale_ref, lhs_ref, rhs_r
         b = plt.load(rhs_ref.at[_block(dst, j * bn, bn)], mask=valid[:, None], other=0)
         if scale_ref is not None:
             s = plt.load(scale_ref.at[rows], mask=valid, other=0)
-            b = (b.astype(jnp.float32) * s[:, None]).astype(b.dtype)
-        return acc + pl.dot(a, b, trans_a=True, precision=precision)
+            b = b.astype(jnp.float32) * s[:, None]
+        b = b.astype(lhs_ref.dtype)
+        return acc + plt.dot(a, b, trans_a=True, precision=precision)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(hi - lo, bm), step, jnp.zeros((bk, bn), jnp.float32))
     plt.store(out_ref.at[g, pl.ds(i * bk, bk), pl.ds(j * bn, bn)], acc.astype(out_ref.dtype))  # empty groups: zeros
@@ -208,12 +254,15 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, src=None, dst
     n_pad = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     group, tile, start, end = work_items(group_sizes, r, bm)
     extra, present = _optional(src, dst, scale)
+    group, tile, start, end, lhs, rhs, *extra = _vary_alike(group, tile, start, end, lhs, rhs,
+                                                            *extra)
     kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, num_groups=g,
                                transpose_rhs=transpose_rhs, m_rows=r, m_in=m_in, m_out=m_out,
                                spare_rows=interpret)
     out = pl.pallas_call(
         _with_optional(kernel, present, 4),
-        out_shape=jax.ShapeDtypeStruct((m_out + bm * interpret, n_pad), out_dtype or lhs.dtype),
+        out_shape=_out_struct((m_out + bm * interpret, n_pad), out_dtype or lhs.dtype, lhs, rhs,
+                              *extra),
         grid=(group.shape[0], n_pad // bn),
         compiler_params=_params(tiles),
         interpret=interpret,
@@ -241,11 +290,12 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, src=None, ds
     r = m_l if src is None else src.shape[0]
     _, _, start, end = work_items(group_sizes, r, bm)
     extra, present = _optional(src, dst, scale)
+    start, end, lhs, rhs, *extra = _vary_alike(start, end, lhs, rhs, *extra)
     kernel = functools.partial(_tgmm_kernel, bm=bm, bn=bn, bk=bk, m_rows=r, m_lhs=m_l,
                                m_rhs=m_r)
     out = pl.pallas_call(
         _with_optional(kernel, present, 2),
-        out_shape=jax.ShapeDtypeStruct((g, lhs.shape[1], rhs.shape[1]), out_dtype),
+        out_shape=_out_struct((g, lhs.shape[1], rhs.shape[1]), out_dtype, lhs, rhs, *extra),
         grid=(g, lhs.shape[1] // bk, rhs.shape[1] // bn),
         compiler_params=_params(tiles),
         interpret=interpret,
@@ -292,7 +342,7 @@ def _grouped_matmul_bwd(out_rows, out_dtype, tiles, interpret, res, dout):
         dlhs = jnp.zeros(lhs.shape, jnp.float32).at[src].add(u).astype(lhs.dtype)
     drhs = tgmm(lhs, dout, group_sizes, src=src, dst=dst, scale=scale, tiles=tiles,
                 interpret=interpret).astype(rhs.dtype)
-    return dlhs, drhs, None, None, None, dscale
+    return _like(dlhs, lhs), _like(drhs, rhs), None, None, None, _like(dscale, scale)
 
 
 grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)

@@ -171,7 +171,7 @@ def combine(y_sorted: jax.Array, keep: jax.Array, s: SortedAssignments, gates: j
     return jnp.einsum("ktd,tk->td", y.astype(jnp.float32), gates).astype(y_sorted.dtype)
 
 
-def _capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None):
+def local_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None):
     return None if capacity_factor is None else expert_capacity(tokens, top_k, num_experts,
                                                                 capacity_factor)
 
@@ -185,7 +185,7 @@ def experts_padded(x, expert_idx, gates, w: ExpertWeights, capacity_factor: floa
     """
     t, k = expert_idx.shape
     num_experts = w.w_gate.shape[0]
-    capacity = _capacity(t, k, num_experts, capacity_factor)
+    capacity = local_capacity(t, k, num_experts, capacity_factor)
     cap = t if capacity is None else capacity
     s = sort_by_expert(expert_idx, num_experts)
     keep = s.rank < cap
@@ -194,27 +194,40 @@ def experts_padded(x, expert_idx, gates, w: ExpertWeights, capacity_factor: floa
     return unpack(out, s, keep, gates), dropped
 
 
-def experts_ragged(x, expert_idx, gates, w: ExpertWeights, capacity_factor: float | None):
-    """Experts as grouped GEMMs (``jax.lax.ragged_dot``) over expert-sorted rows.
+# (lhs [A, K] rows grouped by expert, rhs [E, K, N], group_sizes [E]) -> [A, N]; rows past
+# the groups give zeros. jax.lax.ragged_dot, or a kernel (msmoe_jax/kernels).
+GroupedDot = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def grouped_experts(dot: GroupedDot = jax.lax.ragged_dot) -> ExpertsFn:
+    """Experts as grouped GEMMs (``dot``) over expert-sorted rows.
 
     Same contract as ``experts_padded``. Under a capacity limit the overflow rows are still
     multiplied (shapes are static) but masked out of the result and counted as dropped.
     """
-    t, k = expert_idx.shape
-    num_experts = w.w_gate.shape[0]
-    capacity = _capacity(t, k, num_experts, capacity_factor)
-    s = sort_by_expert(expert_idx, num_experts)
-    xs = tag(x[s.token], MOE_DISPATCHED)  # [A, d]
-    gs = s.counts.astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w.w_gate, gs)) * jax.lax.ragged_dot(xs, w.w_up, gs)
-    y_sorted = jax.lax.ragged_dot(h, w.w_down, gs)
+
+    def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor: float | None):
+        t, k = expert_idx.shape
+        num_experts = w.w_gate.shape[0]
+        capacity = local_capacity(t, k, num_experts, capacity_factor)
+        s = sort_by_expert(expert_idx, num_experts)
+        xs = tag(x[s.token], MOE_DISPATCHED)  # [A, d]
+        gs = s.counts.astype(jnp.int32)
+        h = jax.nn.silu(dot(xs, w.w_gate, gs)) * dot(xs, w.w_up, gs)
+        keep, dropped = capacity_keep(s, capacity)
+        return combine(dot(h, w.w_down, gs), keep, s, gates), dropped
+
+    return experts
+
+
+def capacity_keep(s: SortedAssignments, capacity: int | None):
+    """(keep [A], dropped []) of the sorted assignments under ``capacity`` (None: dropless)."""
     if capacity is None:
-        keep = jnp.ones(s.rank.shape, bool)
-        dropped = jnp.zeros((), jnp.float32)
-    else:
-        keep = s.rank < capacity
-        dropped = jnp.sum(jnp.maximum(s.counts - capacity, 0)).astype(jnp.float32)
-    return combine(y_sorted, keep, s, gates), dropped
+        return jnp.ones(s.rank.shape, bool), jnp.zeros((), jnp.float32)
+    return s.rank < capacity, jnp.sum(jnp.maximum(s.counts - capacity, 0)).astype(jnp.float32)
+
+
+experts_ragged = grouped_experts()
 
 
 def local_experts(impl: str = "auto") -> ExpertsFn:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from msmoe_jax.model.moe import (ExpertWeights, combine, expert_capacity, expert_ffn, pack,
+from msmoe_jax.model.moe import (ExpertWeights, GroupedDot, combine, expert_capacity, expert_ffn, pack,
                                  sort_by_expert, unpack)
 from msmoe_jax.model.remat import MOE_DISPATCHED, tag
 from msmoe_jax.parallel import collectives as C
@@ -196,12 +196,14 @@ def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
 
 
 def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
-                              ragged_exchange=C.ragged_exchange):
+                              ragged_exchange=C.ragged_exchange,
+                              dot: GroupedDot = jax.lax.ragged_dot):
     """ExpertsFn with ragged all_to_all dispatch: only routed (and kept) rows move, and the
     local experts run as grouped GEMMs (``ragged_dot``) over rows grouped by expert.
 
     ``ragged_exchange`` is ``jax.lax.ragged_all_to_all`` on GPU, or the padded emulation
     (``C.ragged_exchange_padded``) where the backend lacks it, which tests this bookkeeping.
+    ``dot`` is the grouped GEMM (``jax.lax.ragged_dot`` or the Pallas kernel's).
     """
 
     @jax.named_scope("moe_dispatch")
@@ -238,9 +240,8 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
         regroup = jnp.argsort(local, stable=True)
         sizes_e = jnp.sum(per_src, axis=0)  # rows per local expert
         xs = tag(recv[regroup], MOE_DISPATCHED)
-        h = jax.nn.silu(jax.lax.ragged_dot(xs, w.w_gate, sizes_e)) * jax.lax.ragged_dot(
-            xs, w.w_up, sizes_e)
-        out = jnp.zeros_like(recv).at[regroup].set(jax.lax.ragged_dot(h, w.w_down, sizes_e))
+        h = jax.nn.silu(dot(xs, w.w_gate, sizes_e)) * dot(xs, w.w_up, sizes_e)
+        out = jnp.zeros_like(recv).at[regroup].set(dot(h, w.w_down, sizes_e))
         # Back to the senders, into the rows their send buffers had.
         back = ragged_exchange(out, jnp.zeros_like(send), recv_offsets, recv_sizes,
                                (jnp.cumsum(sizes, axis=1) - sizes)[:, me], send_sizes,

@@ -158,6 +158,14 @@ class Layout:
             # all_gather/reduce-scatter T*(n-1): equal bytes at k = n (the paper measured the
             # gather faster from top-k > 6 at n = 8).
             dispatch = "all_gather" if m.top_k >= sizes["expert"] > 1 else "all_to_all"
+        if cfg.kernel.resolved == "pallas" and sizes["expert"] * sizes["expert_tensor"] > 1:
+            # With expert parallelism the grouped GEMM runs in the ragged all_to_all dispatch.
+            need(dispatch == "all_to_all" and p.all_to_all != "padded" and c == 1,
+                 "kernel.grouped_gemm",
+                 "'pallas' with expert parallelism needs the ragged all_to_all dispatch "
+                 "(parallel.dispatch all_to_all, parallel.all_to_all ragged or auto, "
+                 f"parallel.chunks 1); got dispatch {dispatch!r}, all_to_all {p.all_to_all!r}, "
+                 f"chunks {c}")
         return cls(sizes, tuple(mesh_axes), {a: tuple(v) for a, v in axes.items()},
                    p.attention, dispatch, kv)
 
