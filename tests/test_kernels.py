@@ -164,3 +164,18 @@ def test_config_refuses_pallas_where_it_cannot_run():
                     parallel={"expert_data": 2, "expert": 4, "dispatch": "all_gather"})
     with pytest.raises(ConfigError, match="kernel.block_m"):
         tiny_config(kernel={"block_m": 24})
+
+
+def test_benchmark_smoke_run(capsys):
+    """benchmarks/grouped_gemm.py runs end to end on tiny shapes (no timing assertions)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_gg", ROOT / "benchmarks/grouped_gemm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--routing", "skewed"])
+    out = capsys.readouterr().out
+    for impl in ("pallas (ours)", "ragged_dot", "dense dot", "fused (ours)", "unfused, pallas"):
+        assert impl in out, impl
