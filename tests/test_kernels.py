@@ -156,6 +156,37 @@ def test_triton_lowering_of_fused_experts_forward_and_backward():
     assert text.count(f"@{triton}") >= 8, text.count(f"@{triton}")
 
 
+@pytest.mark.parametrize("parallel,fuse", [
+    ({"data": 8}, True),
+    ({"expert_data": 2, "expert": 4, **RAGGED}, False),
+], ids=["data8-fused", "ep4xed2-ragged"])
+def test_model_gpu_path_lowers_for_cuda(monkeypatch, parallel, fuse):
+    """The compiled-kernel path (no interpreter) of a whole bf16 train step traces under
+    shard_map's varying-axes check and lowers for CUDA: 3 forward + 6 backward Triton kernels
+    per MoE layer. This checks the kernels' typing inside shard_map, which the interpreted
+    runs (check_vma off) do not."""
+    from msmoe_jax.kernels import grouped_gemm
+    from msmoe_jax.parallel import strategy
+    from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding
+    from msmoe_jax.parallel.strategy import make_loss_fn
+    from msmoe_jax.trainer import init_state
+
+    monkeypatch.setattr(grouped_gemm, "interpret_default", lambda: False)
+    monkeypatch.setattr(strategy, "interpret_default", lambda: False)
+    cfg = tiny_config(parallel=parallel, kernel={**KERNEL, "fuse_permute": fuse},
+                      model={**MODEL, "dtype": "bfloat16", "expert_compute": "ragged_dot"})
+    layout = Layout.from_config(cfg, 8)
+    mesh = make_mesh(layout)
+    graphdef, _, state, specs = init_state(cfg, mesh, layout, abstract=True)
+    loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
+    tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
+                                  sharding=sharding(mesh, layout.batch))
+    step = jax.jit(jax.grad(lambda p, t: loss_fn(p, t)[0]))
+    text = step.trace(state["params"], tokens).lower(lowering_platforms=("cuda",)).as_text()
+    moe_layers = MODEL["num_layers"] - MODEL["num_dense_layers"]
+    assert text.count("__gpu$xla.gpu.triton") == 9 * moe_layers
+
+
 def test_config_refuses_pallas_where_it_cannot_run():
     with pytest.raises(ConfigError, match="kernel.grouped_gemm"):
         tiny_config(kernel={"grouped_gemm": "pallas"}, model={"expert_compute": "padded"})

@@ -119,20 +119,6 @@ def _out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _vary_alike(*arrays):
-    """The arrays, each made varying over every mesh axis one of them varies over, as the
-    interpreter's ops inside ``shard_map`` require (the transpose sums the cotangents)."""
-    varying = frozenset().union(*(_varying(a) for a in arrays))
-    out = []
-    for a in arrays:
-        missing = tuple(sorted(varying - _varying(a)))
-        if missing:
-            a = (jax.lax.pcast(a, missing, to="varying") if hasattr(jax.lax, "pcast")
-                 else jax.lax.pvary(a, missing))
-        out.append(a)
-    return out
-
-
 def _like(ct, primal):
     """A cotangent typed like its primal: summed over the mesh axes it varies over and the
     primal does not (the transpose of using a replicated operand on per-device data)."""
@@ -207,7 +193,8 @@ def _tgmm_kernel(start_ref, end_ref, src_ref, dst_ref, scale_ref, lhs_ref, rhs_r
         return acc + plt.dot(a, b, trans_a=True, precision=precision)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(hi - lo, bm), step, jnp.zeros((bk, bn), jnp.float32))
-    plt.store(out_ref.at[g, pl.ds(i * bk, bk), pl.ds(j * bn, bn)], acc.astype(out_ref.dtype))  # empty groups: zeros
+    # Empty groups store their zeros too.
+    plt.store(out_ref.at[g, pl.ds(i * bk, bk), pl.ds(j * bn, bn)], acc.astype(out_ref.dtype))
 
 
 def _optional(*arrays):
@@ -248,14 +235,15 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, src=None, dst
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     r = m_in if src is None else src.shape[0]
     m_out = r if out_rows is None else out_rows
+    if dst is None and m_out != r:
+        raise ValueError(f"gmm: out_rows={out_rows} needs dst (without it row r is written to "
+                         f"row r of {r})")
     bm, bn, bk = tiles.bm, _fit(tiles.bn, n), _fit(tiles.bk, k)
     lhs = _pad_to(lhs, 1, bk)
     rhs = _pad_to(_pad_to(rhs, 2 if transpose_rhs else 1, bk), 1 if transpose_rhs else 2, bn)
     n_pad = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     group, tile, start, end = work_items(group_sizes, r, bm)
     extra, present = _optional(src, dst, scale)
-    group, tile, start, end, lhs, rhs, *extra = _vary_alike(group, tile, start, end, lhs, rhs,
-                                                            *extra)
     kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, num_groups=g,
                                transpose_rhs=transpose_rhs, m_rows=r, m_in=m_in, m_out=m_out,
                                spare_rows=interpret)
@@ -290,7 +278,6 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, src=None, ds
     r = m_l if src is None else src.shape[0]
     _, _, start, end = work_items(group_sizes, r, bm)
     extra, present = _optional(src, dst, scale)
-    start, end, lhs, rhs, *extra = _vary_alike(start, end, lhs, rhs, *extra)
     kernel = functools.partial(_tgmm_kernel, bm=bm, bn=bn, bk=bk, m_rows=r, m_lhs=m_l,
                                m_rhs=m_r)
     out = pl.pallas_call(
@@ -329,8 +316,6 @@ def _grouped_matmul_bwd(out_rows, out_dtype, tiles, interpret, res, dout):
     # Data gradient per routed row r: dout[dst r] @ rhs[g]^T (before scaling by scale[r]).
     u = gmm(dout, rhs, group_sizes, src=dst, out_rows=None if dst is None else dst.shape[0],
             transpose_rhs=True, out_dtype=jnp.float32, tiles=tiles, interpret=interpret)
-    if dst is None and u.shape[0] != (lhs.shape[0] if src is None else src.shape[0]):
-        raise ValueError("grouped_matmul: without dst, out_rows must equal the routed rows")
     dscale = None
     if scale is not None:
         rows = lhs if src is None else lhs[src]
