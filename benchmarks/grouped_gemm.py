@@ -77,8 +77,8 @@ def mosaic_ragged_dot():
     return dot
 
 
-def gemm_rows(name, h, f, e, tokens, routing, tiles, reps, dtype):
-    rows = tokens * SHAPES.get(name, QUICK.get(name))[3]
+def gemm_rows(name, h, f, e, k, tokens, routing, tiles, reps, dtype):
+    rows = tokens * k
     sizes = jnp.asarray(group_sizes(rows, e, routing))
     keys = jax.random.split(jax.random.key(0), 3)
     lhs = jax.random.normal(keys[0], (rows, h), dtype)
@@ -165,7 +165,7 @@ def main(argv=None):
     for name, (h, f, e, k) in shapes.items():
         for t in tokens:
             for routing in a.routing:
-                rows += gemm_rows(name, h, f, e, t, routing, tiles, reps, dtype)
+                rows += gemm_rows(name, h, f, e, k, t, routing, tiles, reps, dtype)
                 if not a.no_layer:
                     layer += layer_rows(name, h, f, e, k, t, routing, tiles, reps, dtype)
     print("\nGrouped GEMM [tokens*k, h] x [E, h, ffn] (backward = data + weight gradients)")

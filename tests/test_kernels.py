@@ -13,7 +13,7 @@ from msmoe_jax.config import ConfigError
 from msmoe_jax.kernels.experts import fused_experts, pallas_dot
 from msmoe_jax.kernels.grouped_gemm import Tiles, gmm, grouped_matmul, tgmm, work_items
 from msmoe_jax.model.moe import ExpertWeights, experts_padded, grouped_experts
-from test_parallel import MODEL, RAGGED, check_against_reference
+from test_parallel import MODEL, RAGGED, check_against_reference, lower_grad_step
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SMALL = Tiles(bm=16, bn=16, bk=16)
@@ -167,22 +167,12 @@ def test_model_gpu_path_lowers_for_cuda(monkeypatch, parallel, fuse):
     runs (check_vma off) do not."""
     from msmoe_jax.kernels import grouped_gemm
     from msmoe_jax.parallel import strategy
-    from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding
-    from msmoe_jax.parallel.strategy import make_loss_fn
-    from msmoe_jax.trainer import init_state
 
     monkeypatch.setattr(grouped_gemm, "interpret_default", lambda: False)
     monkeypatch.setattr(strategy, "interpret_default", lambda: False)
     cfg = tiny_config(parallel=parallel, kernel={**KERNEL, "fuse_permute": fuse},
                       model={**MODEL, "dtype": "bfloat16", "expert_compute": "ragged_dot"})
-    layout = Layout.from_config(cfg, 8)
-    mesh = make_mesh(layout)
-    graphdef, _, state, specs = init_state(cfg, mesh, layout, abstract=True)
-    loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
-    tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
-                                  sharding=sharding(mesh, layout.batch))
-    step = jax.jit(jax.grad(lambda p, t: loss_fn(p, t)[0]))
-    text = step.trace(state["params"], tokens).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_grad_step(cfg, platforms=("cuda",)).as_text()
     moe_layers = MODEL["num_layers"] - MODEL["num_dense_layers"]
     assert text.count("__gpu$xla.gpu.triton") == 9 * moe_layers
 

@@ -139,14 +139,20 @@ def test_ragged_all_to_all_path_lowers_with_the_real_primitive(monkeypatch):
 
     cfg = tiny_config(parallel={"expert_data": 2, "expert": 4, **RAGGED},
                       model={**MODEL, "dtype": "bfloat16"})
+    # make_ops picks the emulation on CPU; hand it the GPU primitive instead.
+    monkeypatch.setattr(C, "ragged_exchange_padded", C.ragged_exchange)
+    text = lower_grad_step(cfg).as_text()
+    assert text.count("ragged_all_to_all") >= 4  # dispatch and combine, forward and backward
+
+
+def lower_grad_step(cfg, platforms=None):
+    """The gradient of the loss for ``cfg`` on 8 devices, traced from abstract parameters and
+    tokens and lowered (for ``platforms``, default this backend) without compiling."""
     layout = Layout.from_config(cfg, 8)
     mesh = make_mesh(layout)
     graphdef, _, state, specs = init_state(cfg, mesh, layout, abstract=True)
-    # make_ops picks the emulation on CPU; hand it the GPU primitive instead.
-    monkeypatch.setattr(C, "ragged_exchange_padded", C.ragged_exchange)
     loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
     tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
                                   sharding=sharding(mesh, layout.batch))
-    text = jax.jit(jax.grad(lambda p, t: loss_fn(p, t)[0])).lower(
-        state["params"], tokens).as_text()
-    assert text.count("ragged_all_to_all") >= 4  # dispatch and combine, forward and backward
+    traced = jax.jit(jax.grad(lambda p, t: loss_fn(p, t)[0])).trace(state["params"], tokens)
+    return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
