@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from msmoe_jax.kernels.experts import fused_experts, pallas_dot  # noqa: E402
-from msmoe_jax.kernels.grouped_gemm import Tiles, grouped_matmul  # noqa: E402
-from msmoe_jax.model.moe import ExpertWeights, grouped_experts  # noqa: E402
+from msmoe_jax.kernels.experts import fused_experts, pallas_dot
+from msmoe_jax.kernels.grouped_gemm import Tiles, grouped_matmul
+from msmoe_jax.model.moe import ExpertWeights, grouped_experts
 
 # name: (hidden, expert ffn, experts, top_k)
 SHAPES = {
@@ -101,8 +101,8 @@ def gemm_rows(name, h, f, e, k, tokens, routing, tiles, reps, dtype):
         try:
             t_b = timed(fwd_bwd, lhs, w, reps=reps) - t_f
             bwd = f"{2 * flops / max(t_b, 1e-9) / 1e12:8.1f}"
-        except Exception as e:  # the Mosaic example has no backward rule
-            bwd = f"n/a ({type(e).__name__})"
+        except Exception as err:  # noqa: BLE001 (the Mosaic example has no backward rule)
+            bwd = f"n/a ({type(err).__name__})"
         out.append((name, tokens, routing, impl, f"{t_f * 1e3:9.3f}",
                     f"{flops / t_f / 1e12:8.1f}", bwd))
     return out

@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+from test_parallel import MODEL, RAGGED, check_against_reference, lower_grad_step
+
 from msmoe_jax.config import ConfigError
 from msmoe_jax.kernels.experts import fused_experts, pallas_dot
 from msmoe_jax.kernels.grouped_gemm import Tiles, gmm, grouped_matmul, tgmm, work_items
 from msmoe_jax.model.moe import ExpertWeights, experts_padded, grouped_experts
-from test_parallel import MODEL, RAGGED, check_against_reference, lower_grad_step
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SMALL = Tiles(bm=16, bn=16, bk=16)
@@ -108,7 +108,7 @@ def test_fused_permutation_matches_unfused_and_padded(capacity_factor):
            "fused": fused_experts(SMALL, interpret=True)}
     results = {}
     for name, fn in fns.items():
-        def loss(x, w, gates):
+        def loss(x, w, gates, fn=fn):
             y, dropped = fn(x, idx, gates, w, capacity_factor)
             return jnp.sum(jnp.sin(y)), dropped
         results[name] = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, w, gates)

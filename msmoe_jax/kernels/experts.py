@@ -15,8 +15,15 @@ import jax.numpy as jnp
 
 from msmoe_jax.config import KernelConfig
 from msmoe_jax.kernels.grouped_gemm import Tiles, grouped_matmul
-from msmoe_jax.model.moe import (ExpertsFn, ExpertWeights, GroupedDot, capacity_keep,
-                                 grouped_experts, local_capacity, sort_by_expert)
+from msmoe_jax.model.moe import (
+    ExpertsFn,
+    ExpertWeights,
+    GroupedDot,
+    capacity_keep,
+    grouped_experts,
+    local_capacity,
+    sort_by_expert,
+)
 
 
 def pallas_dot(tiles: Tiles = Tiles(), interpret: bool | None = None) -> GroupedDot:
