@@ -135,6 +135,9 @@ class TrainConfig:
     # activation, "selective" stores the attention core's inputs and context and the experts'
     # dispatched and combined rows and recomputes the rest, "full" stores only block inputs.
     remat: Literal["none", "selective", "full"] = "none"
+    # Micro-batches per step: each device's batch is split into this many, their gradients
+    # are accumulated in FP32, and the gradient exchange runs once per step.
+    grad_accum_steps: int = 1
 
 
 @dataclasses.dataclass
@@ -159,6 +162,29 @@ class KernelConfig:
     @property
     def resolved(self) -> str:
         return "xla" if self.grouped_gemm == "auto" else self.grouped_gemm
+
+
+@dataclasses.dataclass
+class CompressionConfig:
+    """Lower-precision communication (MegaScale-MoE section 5); msmoe_jax/parallel/fp8.py and
+    grad_exchange.py. "none" sends the compute dtype."""
+
+    # Gradients of parameters replicated over devices (attention, router, embeddings, norms,
+    # dense FFNs; routed experts over parallel.expert_data): "fp32" is a psum in FP32;
+    # "bf16_a2a" casts the FP32-accumulated gradient to BF16, all_to_alls it so each device
+    # receives every replica's piece of one shard, sums the pieces in FP32 and all_gathers the
+    # reduced shard in BF16 (half the bytes; no chain of BF16 additions).
+    gradients: Literal["fp32", "bf16_a2a"] = "fp32"
+    # Tokens sent to the experts (the dispatch all_to_all / all_gather) and the expert outputs
+    # sent back (the combine all_to_all / reduce-scatter): "fp8" is E4M3 with one FP32 scale
+    # per token row, saturating; the backward sends its cotangents the same way.
+    dispatch: Literal["none", "fp8"] = "none"
+    combine: Literal["none", "fp8"] = "none"
+    # Tensor-parallel all_gathers (per-token FP8) and reduce-scatters (FP8 all_to_all + FP32
+    # sum; their backward all_gathers FP8 with per-channel scales over token groups) of
+    # parallel.tensor, tensor-parallel attention and parallel.expert_tensor.
+    tensor: Literal["none", "fp8"] = "none"
+    channel_group: int = 128  # tokens per per-channel scale in FP8 gradient all_gathers
 
 
 @dataclasses.dataclass
@@ -193,6 +219,7 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     kernel: KernelConfig = dataclasses.field(default_factory=KernelConfig)
+    compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
@@ -214,7 +241,9 @@ class Config:
             ("model.num_experts", m.num_experts), ("model.top_k", m.top_k),
             ("model.moe_d_ff", m.moe_d_ff), ("train.steps", t.steps),
             ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len),
-            ("train.log_every", t.log_every), ("checkpoint.keep", self.checkpoint.keep),
+            ("train.log_every", t.log_every), ("train.grad_accum_steps", t.grad_accum_steps),
+            ("compression.channel_group", self.compression.channel_group),
+            ("checkpoint.keep", self.checkpoint.keep),
             ("data.max_bytes", self.data.max_bytes), ("run.cpu_devices", self.run.cpu_devices),
         ]
         for name, value in positive:

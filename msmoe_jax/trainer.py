@@ -24,7 +24,7 @@ from msmoe_jax.data import make_iterator
 from msmoe_jax.model import Transformer
 from msmoe_jax.optim import lr_schedule, make_optimizer
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, make_mesh, sharding
-from msmoe_jax.parallel.strategy import make_loss_fn, state_specs
+from msmoe_jax.parallel.strategy import make_grad_fn, state_specs
 
 
 def init_state(cfg: Config, mesh: Mesh, layout: Layout, abstract: bool = False):
@@ -58,13 +58,13 @@ def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout
                     on_trace: Callable | None = None):
     """A jitted ``step(state, tokens) -> (state, metrics)``; ``on_trace`` runs at each trace.
     The new state keeps the layout of ``specs``."""
-    loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
+    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout, specs["params"])
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
 
     def step(state, tokens):
         if on_trace is not None:
             on_trace()
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], tokens)
+        metrics, grads = grad_fn(state["params"], tokens)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from msmoe_jax.model import reference_ops
 from msmoe_jax.objective import reference_loss_fn
 from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding
-from msmoe_jax.parallel.strategy import make_loss_fn
+from msmoe_jax.parallel.strategy import make_grad_fn
 from msmoe_jax.trainer import init_state
 
 # A dense layer and a shared expert, so tensor parallelism of FFNs is covered too.
@@ -103,10 +103,11 @@ def check_against_reference(parallel: dict, model: dict, train: dict | None = No
     b, s = cfg.train.batch_size, cfg.train.seq_len
     tokens = jax.random.randint(jax.random.key(1), (b, s + 1), 0, cfg.model.vocab_size)
 
-    loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
+    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout, specs["params"])
     args = state["params"], jax.device_put(tokens, sharding(mesh, layout.batch))
-    compiled = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(*args).compile()
-    (loss, metrics), grads = compiled(*args)
+    compiled = jax.jit(grad_fn).lower(*args).compile()
+    metrics, grads = compiled(*args)
+    loss = metrics["loss"]
 
     ref_ops = reference_ops("padded")
     if cfg.model.moe_mode == "capacity":
@@ -151,8 +152,8 @@ def lower_grad_step(cfg, platforms=None):
     layout = Layout.from_config(cfg, 8)
     mesh = make_mesh(layout)
     graphdef, _, state, specs = init_state(cfg, mesh, layout, abstract=True)
-    loss_fn = make_loss_fn(cfg, graphdef, mesh, layout, specs["params"])
+    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout, specs["params"])
     tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
                                   sharding=sharding(mesh, layout.batch))
-    traced = jax.jit(jax.grad(lambda p, t: loss_fn(p, t)[0])).trace(state["params"], tokens)
+    traced = jax.jit(grad_fn).trace(state["params"], tokens)
     return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from msmoe_jax.parallel.collectives import varying_axes
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
@@ -98,19 +100,9 @@ def work_items(group_sizes: jax.Array, m: int, bm: int):
     return group, tile.astype(jnp.int32), start, end
 
 
-def _varying(x) -> frozenset:
-    """Mesh axes ``x`` varies over inside ``shard_map`` (empty outside; jax 0.10 keeps them in
-    the aval's manual axis type, older versions in ``vma``)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()) or ())
-
-
 def _out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
     """Output type of a kernel: inside ``shard_map`` it varies over every axis an input does."""
-    varying = frozenset().union(*(_varying(a) for a in inputs))
+    varying = frozenset().union(*(varying_axes(a) for a in inputs))
     mat = getattr(jax.typeof(inputs[0]), "mat", None)
     if mat is not None:
         return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(mat)(varying=varying))
@@ -124,7 +116,7 @@ def _like(ct, primal):
     primal does not (the transpose of using a replicated operand on per-device data)."""
     if ct is None:
         return None
-    extra = _varying(ct) - _varying(primal)
+    extra = varying_axes(ct) - varying_axes(primal)
     return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 

@@ -7,6 +7,9 @@ an empty tuple every function is the identity, so callers need no special case f
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, NamedTuple
+
 import jax
 
 Axes = tuple[str, ...]
@@ -83,3 +86,61 @@ def ragged_exchange_padded(operand, output, input_offsets, send_sizes, output_of
     dest = jax.numpy.where(r[None, :] < recv_sizes[:, None], where[:, None] + r[None, :],
                            output.shape[0])  # out of range: dropped by the scatter
     return output.at[dest.reshape(-1)].set(recv.reshape(n * a, d), mode="drop")
+
+
+def ragged(x, there, back, out_rows: int, move, axes: Axes):
+    """Rows of x [A, d] moved by ``move`` (``ragged_exchange`` or its padded emulation) into a
+    zero buffer [out_rows, d]; ``there`` = (input_offsets, send_sizes, output_offsets,
+    recv_sizes). ``back`` is the move's transpose (used by the FP8 version's backward; here
+    autodiff transposes ``move`` itself)."""
+    del back
+    return move(x, jax.numpy.zeros((out_rows, x.shape[1]), x.dtype), *there, axes)
+
+
+class Wire(NamedTuple):
+    """The row-moving collectives one kind of traffic uses, with the signatures of
+    ``exchange``, ``gather``, ``reduce_scatter`` and ``ragged`` above. ``EXACT`` sends the
+    compute dtype; ``fp8.wire()`` sends E4M3 rows with per-row scales."""
+
+    exchange: Callable
+    gather: Callable
+    reduce_scatter: Callable
+    ragged: Callable
+
+
+EXACT = Wire(exchange, gather, reduce_scatter, ragged)
+
+
+def varying_axes(x) -> frozenset:
+    """Mesh axes ``x`` varies over inside ``shard_map`` (empty outside; jax 0.10 keeps them in
+    the aval's manual axis type, older versions in ``vma``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def vary(x: jax.Array, axes: Axes) -> jax.Array:
+    """Marks x as varying over ``axes`` (shard_map's varying-axes typing; no data moves), so
+    that differentiating w.r.t. it gives each device's own contribution, not their sum."""
+    missing = tuple(a for a in axes if a not in varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def total(tree, axes: Axes):
+    """psum over ``axes`` whose backward passes the (replicated) cotangent through unchanged:
+    the gradient w.r.t. each device's summand is the gradient w.r.t. the sum. That is psum's
+    transpose under shard_map's varying-axes typing; written out, it also holds with the
+    check off (where JAX transposes psum to another psum, n times too much)."""
+    return _psum_passing_grad(jax.tree.map(lambda a: vary(a, axes), tree), axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _psum_passing_grad(tree, axes: Axes):
+    return jax.lax.psum(tree, axes)
+
+
+_psum_passing_grad.defvjp(
+    lambda tree, axes: (_psum_passing_grad(tree, axes), None),
+    lambda axes, _, ct: (jax.tree.map(lambda c: vary(c, axes), ct),))

@@ -116,8 +116,10 @@ class Layout:
                 raise ConfigError(f"{field}: {msg}")
 
         seq_split = sizes["sequence"] * sizes["tensor"]
-        need(t.batch_size % sizes["data"] == 0, "train.batch_size",
-             f"must be divisible by parallel.data={sizes['data']}, got {t.batch_size}")
+        micro = sizes["data"] * t.grad_accum_steps
+        need(t.batch_size % micro == 0, "train.batch_size",
+             f"must be divisible by parallel.data x train.grad_accum_steps = "
+             f"{sizes['data']} x {t.grad_accum_steps}, got {t.batch_size}")
         need(t.seq_len % seq_split == 0, "train.seq_len",
              f"must be divisible by parallel.sequence x parallel.tensor = {seq_split}, "
              f"got {t.seq_len}")
@@ -149,7 +151,7 @@ class Layout:
             need(p.all_to_all != "ragged", "parallel.chunks",
                  "chunks > 1 runs the padded all_to_all or the all_gather dispatch; set "
                  "parallel.all_to_all to 'padded' or 'auto', not 'ragged'")
-            tokens = t.batch_size // sizes["data"] * t.seq_len // seq_split
+            tokens = t.batch_size // micro * t.seq_len // seq_split
             need(tokens % c == 0, "parallel.chunks",
                  f"must divide the tokens per device ({tokens}), got {c}")
         dispatch = p.dispatch
@@ -166,6 +168,17 @@ class Layout:
                  "(parallel.dispatch all_to_all, parallel.all_to_all ragged or auto, "
                  f"parallel.chunks 1); got dispatch {dispatch!r}, all_to_all {p.all_to_all!r}, "
                  f"chunks {c}")
+        z = cfg.compression
+        if p.collective_matmul != "off":
+            rings = sizes["tensor"] > 1 or (p.attention == "tensor" and seq_split > 1)
+            need(z.tensor == "none" or not rings, "compression.tensor",
+                 "'fp8' sends the tensor-parallel collectives on their own; set "
+                 "parallel.collective_matmul to 'off' (its rings send the compute dtype)")
+            if dispatch == "all_gather" and m.moe_mode == "dropless":
+                for name in ("dispatch", "combine"):
+                    need(getattr(z, name) == "none", f"compression.{name}",
+                         "'fp8' with the all_gather dispatch needs parallel.collective_matmul "
+                         "'off' (its ring sends the compute dtype)")
         return cls(sizes, tuple(mesh_axes), {a: tuple(v) for a, v in axes.items()},
                    p.attention, dispatch, kv)
 

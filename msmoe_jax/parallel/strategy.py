@@ -1,7 +1,7 @@
 """Chooses the parallel implementation once from the config and wraps the model in it.
 
-``make_ops`` picks the collective-aware pieces of a layer for the layout; ``make_loss_fn`` runs
-the per-device objective under one ``shard_map`` over the folded mesh; ``state_specs`` gives
+``make_ops`` picks the collective-aware pieces of a layer for the layout; ``make_grad_fn`` runs
+the per-device objective and its gradient under one ``shard_map`` over the folded mesh; ``state_specs`` gives
 every parameter and optimizer-state leaf its PartitionSpec from the parameters' logical axes.
 
 Routing and permutation run per device inside ``shard_map``: under plain ``jit`` with a sharded
@@ -28,6 +28,7 @@ from msmoe_jax.parallel.attention import (gather_sequence, gather_then, scoped, 
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel.experts import (experts_all_gather, experts_all_to_all,
                                         experts_ragged_all_to_all)
+from msmoe_jax.parallel.grad_exchange import exchange_gradients, vary_replicas
 from msmoe_jax.parallel.mesh import REPLICATED, Layout
 
 
@@ -99,30 +100,61 @@ def state_specs(state, optimizer: optax.GradientTransformation, layout: Layout):
     return {"step": REPLICATED, "params": specs, "opt_state": opt}
 
 
-def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout, specs):
-    """Returns ``loss_fn(params, tokens) -> (loss, metrics)``, to be called under ``jit``.
+def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout, specs):
+    """Returns ``grad_fn(params, tokens) -> (metrics, grads)``, to be called under ``jit``.
 
-    params: laid out by ``specs`` (``param_specs``); tokens: [batch, seq_len + 1].
-    Differentiating it outside gives the gradient of the global-batch loss: shard_map's
-    transpose sums each parameter's cotangent over the devices it is replicated on.
+    params: laid out by ``specs`` (``param_specs``); tokens: [batch, seq_len + 1]. Everything
+    runs per device under one ``shard_map``: each device differentiates the loss w.r.t. its
+    own copy of the parameters (its contribution through its tokens), accumulates that over
+    the ``train.grad_accum_steps`` micro-batches in FP32, and the contributions are summed
+    over each parameter's replicas once (``grad_exchange``, as ``compression.gradients``
+    says). grads: the gradient of the mean micro-batch loss, laid out like params; metrics:
+    scalars averaged over the micro-batches (``loss`` among them).
     """
     ops = make_ops(cfg, layout)
+    steps = cfg.train.grad_accum_steps
+    sizes = dict(layout.mesh_axes)
+    # Sums over the batch whose backward hands each device the gradient of the sum.
+    reduce = lambda tree: C.total(tree, layout.all_axes)
 
-    def per_device(params, inputs, targets, positions):
-        reduce = lambda tree: jax.lax.psum(tree, layout.all_axes)
+    def micro_batch(params, inputs, targets, positions):
         return loss_terms(graphdef, params, inputs, targets, positions, cfg.model, ops, reduce)
 
-    # The Pallas interpreter (the kernel path off GPU) evaluates kernels with unvarying grid
-    # indices against per-device blocks, which jax 0.10's varying-axes check rejects inside
-    # shard_map; that path runs unchecked (the tests compare its gradients with the reference).
+    grad = jax.value_and_grad(micro_batch, has_aux=True)
+
+    def per_device(params, inputs, targets, positions):
+        local = vary_replicas(params, specs, layout.all_axes)
+        if steps == 1:
+            (_, metrics), grads = grad(local, inputs, targets, positions)
+        else:
+            split = lambda a: a.reshape(steps, a.shape[0] // steps, *a.shape[1:])
+
+            def accumulate(acc, batch):
+                (_, metrics), g = grad(local, *batch, positions)
+                return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g), metrics
+
+            zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), local)
+            grads, metrics = jax.lax.scan(accumulate, zeros, (split(inputs), split(targets)))
+            grads = jax.tree.map(lambda g, p: (g / steps).astype(p.dtype), grads, local)
+            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        grads = exchange_gradients(grads, specs, layout.all_axes, sizes,
+                                   cfg.compression.gradients)
+        return metrics, grads
+
+    # Two cases run without shard_map's varying-axes check: the Pallas interpreter (the
+    # kernel path off GPU) evaluates kernels with unvarying grid indices against per-device
+    # blocks, which jax 0.10's check rejects; and the BF16 gradient all_gather, whose result
+    # is the same on every replica but typed varying (jax 0.10 has no invariant all_gather).
+    # The tests compare both paths' gradients with the single-device reference.
     interpreted = cfg.kernel.resolved == "pallas" and interpret_default()
+    check = not interpreted and cfg.compression.gradients == "fp32"
     sharded = jax.shard_map(
         per_device, mesh=mesh,
         in_specs=(specs, layout.tokens, layout.tokens, layout.positions),
-        out_specs=(REPLICATED, REPLICATED), check_vma=not interpreted)
+        out_specs=(REPLICATED, specs), check_vma=check)
 
-    def loss_fn(params, tokens):
+    def grad_fn(params, tokens):
         positions = jnp.arange(tokens.shape[1] - 1)
         return sharded(params, tokens[:, :-1], tokens[:, 1:], positions)
 
-    return loss_fn
+    return grad_fn
