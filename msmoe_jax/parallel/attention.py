@@ -62,36 +62,37 @@ def tensor_attention(axes: C.Axes, n: int, kv_sharded: bool):
     return attention
 
 
-def gather_sequence(axes: C.Axes, n: int, ring: str = "off"):
+def gather_sequence(axes: C.Axes, n: int, ring: str = "off", wire: C.Wire = C.EXACT):
     """Entry of a tensor-parallel attention block: (x [b, s/n, d], positions [s/n], project)
     -> (project(x gathered to [b, s, d]), positions [s]). ``ring`` ("ring"/"bidirectional")
     fuses the all_gather into the projection as a collective matmul."""
 
     def attention_in(x, positions, project):
         with jax.named_scope("tensor_attention"):
-            return gather_then(axes, n, ring)(project, x), C.gather(positions, axes, axis=0)
+            return (gather_then(axes, n, ring, wire)(project, x),
+                    C.gather(positions, axes, axis=0))
 
     return attention_in
 
 
-def gather_then(axes: C.Axes, n: int, ring: str = "off"):
+def gather_then(axes: C.Axes, n: int, ring: str = "off", wire: C.Wire = C.EXACT):
     """(fn, x [b, s/n, ...]) -> fn(x gathered to [b, s, ...]); fn row-wise along s."""
 
     def apply(fn, x):
         if ring == "off":
-            return fn(C.gather(x, axes, axis=1))
+            return fn(wire.gather(x, axes, 1))
         return gather_apply(fn, x, axes, n, axis=1, bidirectional=ring == "bidirectional")
 
     return apply
 
 
-def then_scatter(axes: C.Axes, n: int, ring: str = "off"):
+def then_scatter(axes: C.Axes, n: int, ring: str = "off", wire: C.Wire = C.EXACT):
     """(fn, x [b, s, ...]) -> fn(x) [b, s, d] partial sums reduce-scattered to [b, s/n, d]
     (exit of a tensor-parallel block); fn row-wise along s."""
 
     def apply(fn, x):
         if ring == "off":
-            return C.reduce_scatter(fn(x), axes, axis=1)
+            return wire.reduce_scatter(fn(x), axes, 1)
         return apply_scatter(fn, x, axes, n, axis=1, bidirectional=ring == "bidirectional")
 
     return apply

@@ -28,8 +28,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from msmoe_jax.model.moe import (ExpertWeights, GroupedDot, combine, expert_capacity, expert_ffn, pack,
-                                 sort_by_expert, unpack)
+from msmoe_jax.model.moe import ExpertWeights, GroupedDot, expert_capacity, expert_ffn, pack
+from msmoe_jax.model.moe import combine as combine_slots
+from msmoe_jax.model.moe import sort_by_expert, unpack
 from msmoe_jax.model.remat import MOE_DISPATCHED, tag
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel.collective_matmul import gather_apply_scatter
@@ -80,8 +81,10 @@ def run_stages(stages: Stages, chunks: int, x, expert_idx, gates, w):
 
 
 def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
-                       chunks: int = 1):
-    """ExpertsFn with all_to_all dispatch over ``expert_axes`` (n devices)."""
+                       chunks: int = 1, dispatch: C.Wire = C.EXACT, combine: C.Wire = C.EXACT,
+                       tensor: C.Wire = C.EXACT):
+    """ExpertsFn with all_to_all dispatch over ``expert_axes`` (n devices). The wires say how
+    the tokens go out, how the results come back and how expert_tensor gathers/scatters."""
 
     def stages(e_local: int, capacity_factor) -> Stages:
         num_experts = e_local * n
@@ -93,9 +96,9 @@ def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
 
         def send(x, plan):
             s, keep = plan
-            x = C.gather(x, tensor_axes, axis=0)  # [T*m, d]
+            x = tensor.gather(x, tensor_axes, 0)  # [T*m, d]
             c = buffer_rows(s, x.shape[0])
-            recv = C.exchange(pack(x, s, keep, c), expert_axes)  # block j from device j
+            recv = dispatch.exchange(pack(x, s, keep, c), expert_axes)  # block j from device j
             return recv.reshape(n, e_local, c, -1).transpose(1, 0, 2, 3).reshape(
                 e_local, n * c, -1)  # [E/n, n*C, d]
 
@@ -103,12 +106,12 @@ def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
             c = out.shape[1] // n
             out = out.reshape(e_local, n, c, -1).transpose(1, 0, 2, 3).reshape(
                 num_experts, c, -1)
-            return C.exchange(out, expert_axes)  # [E, C, d]: my tokens' rows
+            return combine.exchange(out, expert_axes)  # [E, C, d]: my tokens' rows
 
         def finish(back, gates, plan):
             s, keep = plan
             y = unpack(back, s, keep, C.gather(gates, tensor_axes, axis=0))  # [T*m, d]
-            return C.reduce_scatter(y, tensor_axes, axis=0)
+            return tensor.reduce_scatter(y, tensor_axes, 0)
 
         def buffer_rows(s, t):
             """Rows per expert buffer: one device can fill an expert's whole capacity."""
@@ -130,7 +133,8 @@ def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
 
 
 def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
-                       ring: str = "off", chunks: int = 1):
+                       ring: str = "off", chunks: int = 1, dispatch: C.Wire = C.EXACT,
+                       combine: C.Wire = C.EXACT):
     """ExpertsFn with all_gather / reduce-scatter dispatch over the EP group.
 
     ``ring`` ("ring"/"bidirectional") runs it as a collective matmul in dropless mode: each
@@ -150,7 +154,7 @@ def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
         def send(x, plan):
             s, keep, first, _ = plan
             cap = route_capacity(s, x.shape[0] * n * m)
-            return pack(C.gather(x, group, axis=0), s, keep, cap, first, e_local)
+            return pack(dispatch.gather(x, group, 0), s, keep, cap, first, e_local)
 
         def route_capacity(s, t):
             if capacity_factor is None:
@@ -160,7 +164,7 @@ def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
         def finish(out, gates, plan):
             s, keep, first, _ = plan
             y = unpack(out, s, keep, C.gather(gates, group, axis=0), first)
-            return C.reduce_scatter(y, group, axis=0)
+            return combine.reduce_scatter(y, group, 0)
 
         dropped = lambda plan: plan[3].astype(jnp.float32) / m
         return Stages(route, send, lambda out, plan: out, finish, dropped,
@@ -197,7 +201,8 @@ def experts_all_gather(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
 
 def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
                               ragged_exchange=C.ragged_exchange,
-                              dot: GroupedDot = jax.lax.ragged_dot):
+                              dot: GroupedDot = jax.lax.ragged_dot, dispatch: C.Wire = C.EXACT,
+                              combine: C.Wire = C.EXACT, tensor: C.Wire = C.EXACT):
     """ExpertsFn with ragged all_to_all dispatch: only routed (and kept) rows move, and the
     local experts run as grouped GEMMs (``ragged_dot``) over rows grouped by expert.
 
@@ -210,7 +215,7 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
     def experts(x, expert_idx, gates, w: ExpertWeights, capacity_factor):
         e_local = w.w_gate.shape[0]
         num_experts = e_local * n
-        x, gates = (C.gather(a, tensor_axes, axis=0) for a in (x, gates))
+        x, gates = tensor.gather(x, tensor_axes, 0), C.gather(gates, tensor_axes, axis=0)
         expert_idx, s, keep, capacity = route_in_group(
             expert_idx, n, e_local, expert_axes, tensor_axes, capacity_factor)
         t, k = expert_idx.shape
@@ -228,8 +233,10 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
         send_offsets = jnp.cumsum(send_sizes) - send_sizes
         recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
         place_there = (jnp.cumsum(sizes, axis=0) - sizes)[me]  # my chunk's offset at each dst
-        recv = ragged_exchange(send, jnp.zeros((n * most, x.shape[1]), x.dtype), send_offsets,
-                               send_sizes, place_there, recv_sizes, expert_axes)
+        there = (send_offsets, send_sizes, place_there, recv_sizes)
+        back_plan = (recv_offsets, recv_sizes, (jnp.cumsum(sizes, axis=1) - sizes)[:, me],
+                     send_sizes)  # the transpose of ``there``
+        recv = dispatch.ragged(send, there, back_plan, n * most, ragged_exchange, expert_axes)
         # Received rows are source-major, then by local expert; regroup them by expert.
         per_src = jax.lax.dynamic_slice_in_dim(every, me * e_local, e_local, axis=1)  # [n, E/n]
         p = jnp.arange(n * most)
@@ -243,11 +250,10 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
         h = jax.nn.silu(dot(xs, w.w_gate, sizes_e)) * dot(xs, w.w_up, sizes_e)
         out = jnp.zeros_like(recv).at[regroup].set(dot(h, w.w_down, sizes_e))
         # Back to the senders, into the rows their send buffers had.
-        back = ragged_exchange(out, jnp.zeros_like(send), recv_offsets, recv_sizes,
-                               (jnp.cumsum(sizes, axis=1) - sizes)[:, me], send_sizes,
-                               expert_axes)
+        back = combine.ragged(out, back_plan, there, send.shape[0], ragged_exchange,
+                              expert_axes)
         y_sorted = jnp.zeros_like(back).at[order].set(back)  # [A, d] in sorted order
-        y = C.reduce_scatter(combine(y_sorted, keep, s, gates), tensor_axes, axis=0)
+        y = tensor.reduce_scatter(combine_slots(y_sorted, keep, s, gates), tensor_axes, 0)
         return y, jnp.sum(~keep).astype(jnp.float32) / m
 
     return experts

@@ -33,16 +33,18 @@ E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = float(jnp.finfo(E4M3).max)  # 448
 SCALE_BYTES = 4
 _F32_MAX = float(jnp.finfo(jnp.float32).max)
+_F32_TINY = float(jnp.finfo(jnp.float32).tiny)  # smallest normal: denormal scales flush to 0
 
 
 def quantize(x: jax.Array, axis: int = -1):
     """x [..., d] -> (q E4M3, scale f32 with ``axis`` kept as size 1); x ~= q * scale.
 
     One scale per slice along ``axis`` (default: per row). The slice's amax maps to 448;
-    all-zero slices get scale 1; infinities saturate to +-448 * scale."""
+    all-zero slices get scale 1; infinities saturate to +-448 * scale; scales stay normal
+    floats (slices below 448 x the smallest normal keep fewer significant bits)."""
     x = x.astype(jnp.float32)
     amax = jnp.minimum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), _F32_MAX)
-    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    scale = jnp.where(amax > 0, jnp.maximum(amax / E4M3_MAX, _F32_TINY), 1.0)
     return jnp.clip(x / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3), scale
 
 

@@ -26,6 +26,7 @@ from msmoe_jax.objective import loss_terms
 from msmoe_jax.parallel.attention import (gather_sequence, gather_then, scoped, tensor_attention,
                                           then_scatter, ulysses_attention)
 from msmoe_jax.parallel import collectives as C
+from msmoe_jax.parallel import fp8
 from msmoe_jax.parallel.experts import (experts_all_gather, experts_all_to_all,
                                         experts_ragged_all_to_all)
 from msmoe_jax.parallel.grad_exchange import exchange_gradients, vary_replicas
@@ -38,15 +39,18 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
     seq, n_seq = layout.seq_axes, size["sequence"] * size["tensor"]
     tensor = layout.axes["tensor"]
     ring = cfg.parallel.collective_matmul
+    z = cfg.compression
+    wire = lambda fmt: fp8.wire(z.channel_group) if fmt == "fp8" else C.EXACT
+    send, back, tp = wire(z.dispatch), wire(z.combine), wire(z.tensor)
     if layout.attention == "ulysses":
         attention = dict(attention=ulysses_attention(
             seq, n_seq, head_chunks(cfg.parallel.chunks, n_seq, cfg.model.num_heads,
                                     layout.num_kv_heads)))
     else:
         kv_sharded = layout.num_kv_heads % n_seq == 0
-        attention = dict(attention_in=gather_sequence(seq, n_seq, ring),
+        attention = dict(attention_in=gather_sequence(seq, n_seq, ring, tp),
                          attention=tensor_attention(seq, n_seq, kv_sharded),
-                         attention_out=scoped(then_scatter(seq, n_seq, ring),
+                         attention_out=scoped(then_scatter(seq, n_seq, ring, tp),
                                               "tensor_attention"))
     expert, et = layout.axes["expert"], layout.axes["expert_tensor"]
     gpu = jax.default_backend() == "gpu"
@@ -59,17 +63,18 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
             cfg.model.expert_compute)
     elif layout.dispatch == "all_gather":
         experts = experts_all_gather(expert, size["expert"], et, size["expert_tensor"], ring,
-                                     cfg.parallel.chunks)
+                                     cfg.parallel.chunks, send, back)
     elif ragged:
         exchange = C.ragged_exchange if gpu else C.ragged_exchange_padded
         experts = experts_ragged_all_to_all(expert, size["expert"], et, size["expert_tensor"],
-                                            exchange, grouped_dot(cfg.kernel))
+                                            exchange, grouped_dot(cfg.kernel), send, back, tp)
     else:
         experts = experts_all_to_all(expert, size["expert"], et, size["expert_tensor"],
-                                     cfg.parallel.chunks)
+                                     cfg.parallel.chunks, send, back, tp)
     n_tensor = size["tensor"]
-    return LayerOps(**attention, ffn_in=scoped(gather_then(tensor, n_tensor, ring), "tensor_ffn"),
-                    ffn_out=scoped(then_scatter(tensor, n_tensor, ring), "tensor_ffn"),
+    return LayerOps(**attention,
+                    ffn_in=scoped(gather_then(tensor, n_tensor, ring, tp), "tensor_ffn"),
+                    ffn_out=scoped(then_scatter(tensor, n_tensor, ring, tp), "tensor_ffn"),
                     experts=experts, remat_policy=remat_policy(cfg.train.remat))
 
 
