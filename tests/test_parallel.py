@@ -1,6 +1,8 @@
 """Every parallel layout against the single-device reference: loss, metrics and the gradient
 of every parameter (fp32, random weights and tokens), on 8 simulated devices."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +98,48 @@ def check_against_reference(parallel: dict, model: dict, train: dict | None = No
                             kernel: dict | None = None):
     """Loss, metrics and every parameter's gradient of the layout equal the single-device
     reference's (fp32). Returns the compiled parallel step."""
-    cfg = tiny_config(parallel=parallel, model=model, train=train or {}, kernel=kernel or {})
+    run = run_with_reference(parallel, model, train, kernel)
+    np.testing.assert_allclose(run.metrics["loss"], run.ref_metrics["loss"], rtol=1e-5)
+    for k in run.ref_metrics:
+        np.testing.assert_allclose(run.metrics[k], run.ref_metrics[k], rtol=1e-5, atol=1e-7,
+                                   err_msg=k)
+    if run.cfg.model.moe_mode == "capacity":
+        assert float(run.metrics["dropped_frac"]) > 0.05  # the capacity limit is exercised
+    for path, g, r in run.grad_pairs():
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6, err_msg=path)
+    # Parameters really are laid out as the layout says (sharded where it shards them).
+    w = run.params["blocks"][1]["ffn"]["w_gate"][...]
+    assert w.addressable_shards[0].data.shape[0] == 8 // run.layout.sizes["expert"]
+    return run.compiled
+
+
+class Run(NamedTuple):
+    cfg: object
+    layout: Layout
+    params: object
+    compiled: object
+    metrics: dict
+    grads: object
+    ref_metrics: dict
+    ref_grads: object
+
+    def grad_pairs(self):
+        """(path, parallel gradient, reference gradient) for every parameter."""
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(self.ref_grads)]
+        for path, g, r in zip(paths, jax.tree.leaves(self.grads),
+                              jax.tree.leaves(self.ref_grads)):
+            assert g.shape == r.shape, path
+            assert float(jnp.max(jnp.abs(r))) > 0, path
+            yield path, np.asarray(g), np.asarray(r)
+
+
+def run_with_reference(parallel: dict, model: dict, train: dict | None = None,
+                       kernel: dict | None = None, compression: dict | None = None) -> Run:
+    """The layout's metrics and gradients on 8 devices and the single-device reference's, for
+    the same random weights and tokens. With ``train.grad_accum_steps`` = A the reference
+    averages A micro-batches: micro-batch j holds rows j*b/(D*A).. of every data shard."""
+    cfg = tiny_config(parallel=parallel, model=model, train=train or {}, kernel=kernel or {},
+                      compression=compression or {})
     layout = Layout.from_config(cfg, 8)
     mesh = make_mesh(layout)
     graphdef, _, state, specs = init_state(cfg, mesh, layout)
@@ -107,30 +150,21 @@ def check_against_reference(parallel: dict, model: dict, train: dict | None = No
     args = state["params"], jax.device_put(tokens, sharding(mesh, layout.batch))
     compiled = jax.jit(grad_fn).lower(*args).compile()
     metrics, grads = compiled(*args)
-    loss = metrics["loss"]
 
     ref_ops = reference_ops("padded")
     if cfg.model.moe_mode == "capacity":
         ref_ops = ref_ops._replace(experts=grouped_reference_experts(
             ref_ops.experts, capacity_groups(layout, mesh, b, s)))
-    ref_fn = reference_loss_fn(cfg.model, graphdef, ref_ops)
-    (ref_loss, ref_metrics), ref_grads = jax.jit(jax.value_and_grad(ref_fn, has_aux=True))(
-        jax.device_get(state["params"]), tokens)
-
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    for k in ref_metrics:
-        np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-7, err_msg=k)
-    if cfg.model.moe_mode == "capacity":
-        assert float(metrics["dropped_frac"]) > 0.05  # the capacity limit is exercised
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(ref_grads)]
-    for path, g, r in zip(paths, jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        assert g.shape == r.shape, path
-        assert float(jnp.max(jnp.abs(r))) > 0, path
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6, err_msg=path)
-    # Parameters really are laid out as the layout says (sharded where it shards them).
-    w = state["params"]["blocks"][1]["ffn"]["w_gate"][...]
-    assert w.addressable_shards[0].data.shape[0] == 8 // layout.sizes["expert"]
-    return compiled
+    ref_fn = jax.jit(jax.value_and_grad(reference_loss_fn(cfg.model, graphdef, ref_ops),
+                                        has_aux=True))
+    params = jax.device_get(state["params"])
+    steps, data = cfg.train.grad_accum_steps, layout.sizes["data"]
+    rows = np.arange(b).reshape(data, steps, b // (data * steps)).transpose(1, 0, 2)
+    results = [ref_fn(params, tokens[r.reshape(-1)]) for r in rows]
+    mean = lambda *xs: sum(xs) / len(xs)
+    ref_metrics = jax.tree.map(mean, *[m for (_, m), _ in results])
+    ref_grads = jax.tree.map(mean, *[g for _, g in results])
+    return Run(cfg, layout, state["params"], compiled, metrics, grads, ref_metrics, ref_grads)
 
 
 def test_ragged_all_to_all_path_lowers_with_the_real_primitive(monkeypatch):
