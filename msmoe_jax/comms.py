@@ -2,9 +2,13 @@
 
     python -m msmoe_jax.comms --config configs/default.yaml [--set parallel.sequence=8 ...]
     python -m msmoe_jax.comms --compare   # also data-only, SP+EP and TP+TP on the same devices
+    python -m msmoe_jax.comms --compress  # also the same layout with every compression switch
 
-Everything is read from the compiled program (``jit(...).lower(...).compile().as_text()``);
-nothing runs, so large models can be inspected on a laptop's simulated devices.
+Everything is read from the program's HLO; nothing runs, so large models can be inspected on a
+laptop's simulated devices. ``--hlo compiled`` reads the compiled program (what XLA will run,
+after combining and removing collectives); ``--hlo lowered`` the program as written, before
+optimisation. The default is compiled on GPU and lowered elsewhere: XLA:CPU widens BF16
+collectives to F32 and FP8 ones to F16, so its compiled program hides what compression saves.
 """
 
 from __future__ import annotations
@@ -58,13 +62,22 @@ def build_step(cfg: Config, devices=None, abstract: bool = True):
     return layout, mesh, step, state, tokens
 
 
-def step_collectives(cfg: Config, devices=None):
-    """(layout, [Collective]) for one training step of ``cfg`` (compiled, not run)."""
+def step_collectives(cfg: Config, devices=None, hlo: str = "compiled"):
+    """(layout, [Collective]) for one training step of ``cfg`` (lowered, not run); ``hlo``:
+    "compiled" or "lowered" (see the module docstring)."""
     from msmoe_jax.parallel.comm_bytes import collectives
 
     layout, mesh, step, state, tokens = build_step(cfg, devices)
-    text = step.lower(state, tokens).compile().as_text()
+    lowered = step.lower(state, tokens)
+    text = (lowered.compile().as_text() if hlo == "compiled"
+            else lowered.as_text(dialect="hlo", debug_info=True))
     return layout, collectives(text, mesh.size)
+
+
+def compressed(cfg: Config) -> Config:
+    """``cfg`` with every communication-compression switch on."""
+    return dataclasses.replace(cfg, compression=dataclasses.replace(
+        cfg.compression, gradients="bf16_a2a", dispatch="fp8", combine="fp8", tensor="fp8"))
 
 
 def main(argv=None) -> int:
@@ -73,6 +86,11 @@ def main(argv=None) -> int:
     add_config_args(p, DEFAULT_CONFIG)
     p.add_argument("--compare", action="store_true",
                    help="also compile data-only, SP+EP and TP+TP layouts of the same model")
+    p.add_argument("--compress", action="store_true",
+                   help="also the configured layout with every compression switch on, and the "
+                        "saving per collective")
+    p.add_argument("--hlo", choices=("auto", "compiled", "lowered"), default="auto",
+                   help="which program to read (default: compiled on GPU, lowered elsewhere)")
     args = p.parse_args(argv)
     cfg = load_cli_config(args)
     if cfg is None:
@@ -92,35 +110,65 @@ def main(argv=None) -> int:
         for name, fields in reference_layouts(n).items():
             layouts[name] = dataclasses.replace(
                 cfg, parallel=dataclasses.replace(cfg.parallel, **fields))
+    if args.compress:
+        layouts["compressed"] = compressed(cfg)
+    hlo = args.hlo if args.hlo != "auto" else (
+        "compiled" if jax.default_backend() == "gpu" else "lowered")
     m, t = cfg.model, cfg.train
     print(f"model: d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads "
           f"({m.num_kv_heads} KV), {m.num_experts} experts top-{m.top_k}, {m.dtype} compute; "
           f"batch {t.batch_size} x {t.seq_len} tokens; {n} {jax.devices()[0].platform} devices")
-    print("bytes: sent per device per training step (forward + backward + optimizer)")
-    if jax.default_backend() == "cpu" and m.dtype == "bfloat16":
-        print("note: XLA:CPU runs bf16 collectives in f32, so bf16 activations count 4 bytes "
-              "here; on GPU they move as bf16 (half)")
+    print(f"bytes: sent per device per training step (forward + backward + optimizer), read "
+          f"from the {hlo} program")
+    if hlo == "compiled" and jax.default_backend() == "cpu":
+        print("note: XLA:CPU runs bf16 collectives in f32 and fp8 ones in f16, so they count "
+              "double here; on GPU they move as written (--hlo lowered shows that)")
     print()
-    totals = {}
+    totals, scopes = {}, {}
     for name, c in layouts.items():
         try:
             c.validate(n)
-            layout, found = step_collectives(c)
+            layout, found = step_collectives(c, hlo=hlo)
         except ConfigError as e:
             print(f"[{name}] not possible for this model: {e}\n")
             continue
         totals[name] = sum(x.bytes for x in found)
-        print(f"[{name}] {layout.describe()}")
+        scopes[name] = by_scope(found)
+        print(f"[{name}] {layout.describe()}" + (f"; {describe_compression(c)}"
+                                                 if name in ("configured", "compressed") else ""))
         print(f"  {'where':<17} {'collective':<19} {'group':>5} {'count':>6} {'bytes':>12}")
         for scope, op, group, count, b in summarize(found):
             print(f"  {scope:<17} {op:<19} {group:>5} {count:>6} {human(b):>12}")
         print(f"  {'total':<17} {'':<19} {'':>5} {len(found):>6} {human(totals[name]):>12}\n")
-    if len(totals) > 1:
+    if "compressed" in scopes and "configured" in scopes:
+        before, after = scopes["configured"], scopes["compressed"]
+        print(f"{'where':<17} {'configured':>12} {'compressed':>12} {'saving':>7}")
+        for scope in sorted(set(before) | set(after), key=lambda k: -before.get(k, 0)):
+            b, a = before.get(scope, 0.0), after.get(scope, 0.0)
+            print(f"{scope:<17} {human(b):>12} {human(a):>12} " + (f"{b / a:>6.2f}x" if a else
+                                                                   f"{'-':>7}"))
+        b, a = totals["configured"], totals["compressed"]
+        print(f"{'total':<17} {human(b):>12} {human(a):>12} {b / a:>6.2f}x\n")
+    if any(name in totals for name in reference_layouts(n)):
         base = totals.get("TP+TP")
         print(f"{'layout':<12} {'bytes/step':>14}" + (f" {'vs TP+TP':>9}" if base else ""))
         for name, b in totals.items():
             print(f"{name:<12} {human(b):>14}" + (f" {b / base:>8.2f}x" if base else ""))
     return 0
+
+
+def by_scope(found) -> dict[str, float]:
+    """Bytes per named scope (see ``comm_bytes.SCOPES``)."""
+    out: dict[str, float] = {}
+    for c in found:
+        out[c.scope] = out.get(c.scope, 0.0) + c.bytes
+    return out
+
+
+def describe_compression(cfg: Config) -> str:
+    z = cfg.compression
+    return (f"gradients {z.gradients}, dispatch {z.dispatch}, combine {z.combine}, "
+            f"tensor {z.tensor}")
 
 
 if __name__ == "__main__":

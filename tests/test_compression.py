@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from conftest import tiny_config
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel import fp8
 from msmoe_jax.parallel.grad_exchange import bf16_a2a_sum
+from test_parallel import A2A, AG, MODEL, RAGGED, check_against_reference, run_with_reference
 
 AXES = ("x",)
 MESH = jax.make_mesh((8,), AXES, axis_types=(AxisType.Auto,))
@@ -219,8 +221,6 @@ def test_bf16_a2a_beats_a_bf16_ring_reduce_scatter_when_values_cancel():
 
 # -- whole model against the single-device reference ----------------------------------------
 
-from test_parallel import A2A, AG, MODEL, RAGGED, check_against_reference, run_with_reference  # noqa: E402
-
 
 def test_gradient_accumulation_matches_the_reference_micro_batches():
     """Two micro-batches accumulated in FP32 and exchanged once equal the mean of the
@@ -275,3 +275,45 @@ def test_fp8_communication_on_the_model(name):
     assert loss != ref  # FP8 really is on the path
     assert max(errors.values()) < 0.12, errors
     assert min(errors.values()) > 1e-4, errors
+
+
+def test_training_with_every_switch_tracks_the_uncompressed_run(tmp_path):
+    """12 steps (bf16 compute, 2 micro-batches per step, TP + SP + EP with expert_data
+    copies) with every compression switch on against the same run uncompressed, same seed
+    and data: every step's loss within 1%, and both learn."""
+    from msmoe_jax.trainer import train
+
+    common = dict(
+        model={"num_experts": 8, "num_dense_layers": 1},
+        parallel={"data": 2, "sequence": 2, "tensor": 2, "expert_data": 2, "expert": 4,
+                  "dispatch": "all_to_all"},
+        train={"steps": 12, "log_every": 1, "grad_accum_steps": 2},
+        optimizer={"lr": 1e-2, "warmup_steps": 2})
+    runs = {}
+    for name, compression in (("exact", {}), ("compressed", {**FP8_ALL,
+                                                              "gradients": "bf16_a2a"})):
+        cfg = tiny_config(tmp_path / name, compression=compression, **common)
+        runs[name] = np.array([r["loss"] for r in train(cfg)["history"]])
+    exact, ours = runs["exact"], runs["compressed"]
+    assert len(ours) == 12
+    np.testing.assert_allclose(ours, exact, rtol=1e-2)
+    assert not np.array_equal(ours, exact)
+    assert ours[-1] < ours[0] - 0.5 and exact[-1] < exact[0] - 0.5
+
+
+def test_compression_halves_the_default_configs_collective_bytes():
+    """The default config's program as written: the gradient exchange moves half the bytes
+    (BF16 all_to_all + all_gather against an FP32 all-reduce) and the MoE dispatch/combine
+    d + 4 bytes per row against 2d in BF16 (1.94x at d = 128)."""
+    from msmoe_jax.comms import DEFAULT_CONFIG, by_scope, compressed, step_collectives
+    from msmoe_jax.config import load_config
+
+    cfg = load_config(DEFAULT_CONFIG, device_count=8)
+    assert cfg.compression.gradients == "fp32" and cfg.model.dtype == "bfloat16"
+    before = by_scope(step_collectives(cfg, hlo="lowered")[1])
+    after = by_scope(step_collectives(compressed(cfg), hlo="lowered")[1])
+    d = cfg.model.d_model
+    assert before["grad_exchange"] / after["grad_exchange"] == pytest.approx(2.0, rel=0.01)
+    assert before["moe_dispatch"] / after["moe_dispatch"] == pytest.approx(
+        2 * d / (d + fp8.SCALE_BYTES), rel=0.01)
+    assert after["ulysses"] == before["ulysses"]  # not compressed

@@ -21,13 +21,13 @@ _INSTR = re.compile(r"=\s*(?P<result>.+?)\s+(?P<op>" + "|".join(OPS) + r")(?P<st
 
 # Named scopes (``jax.named_scope``) that the parallel code puts around its collectives; the
 # op_name metadata of the compiled ops (forward and backward) carries them.
-SCOPES = ("ulysses", "tensor_attention", "tensor_ffn", "moe_dispatch")
+SCOPES = ("ulysses", "tensor_attention", "tensor_ffn", "moe_dispatch", "grad_exchange")
 
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
     op: str
-    scope: str  # one of SCOPES, or "other" (gradient reductions, resharding, losses)
+    scope: str  # one of SCOPES, or "other" (resharding, losses, routing statistics)
     shapes: tuple[tuple[int, ...], ...]  # the op's results (several when XLA combined ops)
     group: int  # devices per replica group
     bytes: float  # moved per device per call
