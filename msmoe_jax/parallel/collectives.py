@@ -88,19 +88,26 @@ def ragged_exchange_padded(operand, output, input_offsets, send_sizes, output_of
     return output.at[dest.reshape(-1)].set(recv.reshape(n * a, d), mode="drop")
 
 
-def ragged(x, there, back, out_rows: int, move, axes: Axes):
-    """Rows of x [A, d] moved by ``move`` (``ragged_exchange`` or its padded emulation) into a
-    zero buffer [out_rows, d]; ``there`` = (input_offsets, send_sizes, output_offsets,
-    recv_sizes). ``back`` is the move's transpose (used by the FP8 version's backward; here
-    autodiff transposes ``move`` itself)."""
+def exchange_rows(x, axes: Axes, select=None, plan=()):
+    """``exchange(select(x, plan), axes)``: ``select`` copies rows of x into the send buffer
+    (e.g. ``pack`` into per-expert buffers; default: x as is)."""
+    return exchange(x if select is None else select(x, plan), axes)
+
+
+def ragged_rows(x, there, back, out_rows: int, move, axes: Axes, select=None, plan=None):
+    """The rows ``select(x, plan)`` (default x) [A, d] moved by ``move`` (``ragged_exchange``
+    or its padded emulation) into a zero buffer [out_rows, d]; ``there`` = (input_offsets,
+    send_sizes, output_offsets, recv_sizes). ``back`` is the move's transpose (the FP8
+    version's backward sends along it; here autodiff transposes ``move`` itself)."""
     del back
+    x = x if select is None else select(x, plan)
     return move(x, jax.numpy.zeros((out_rows, x.shape[1]), x.dtype), *there, axes)
 
 
 class Wire(NamedTuple):
     """The row-moving collectives one kind of traffic uses, with the signatures of
-    ``exchange``, ``gather``, ``reduce_scatter`` and ``ragged`` above. ``EXACT`` sends the
-    compute dtype; ``fp8.wire()`` sends E4M3 rows with per-row scales."""
+    ``exchange_rows``, ``gather``, ``reduce_scatter`` and ``ragged_rows`` above. ``EXACT``
+    sends the compute dtype; ``fp8.wire()`` sends E4M3 rows with per-row scales."""
 
     exchange: Callable
     gather: Callable
@@ -108,7 +115,7 @@ class Wire(NamedTuple):
     ragged: Callable
 
 
-EXACT = Wire(exchange, gather, reduce_scatter, ragged)
+EXACT = Wire(exchange_rows, gather, reduce_scatter, ragged_rows)
 
 
 def varying_axes(x) -> frozenset:

@@ -98,7 +98,8 @@ def experts_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, m: int,
             s, keep = plan
             x = tensor.gather(x, tensor_axes, 0)  # [T*m, d]
             c = buffer_rows(s, x.shape[0])
-            recv = dispatch.exchange(pack(x, s, keep, c), expert_axes)  # block j from device j
+            # Block j from device j; ``pack`` copies each token's row into its experts' buffers.
+            recv = dispatch.exchange(x, expert_axes, lambda a, p: pack(a, *p, c), (s, keep))
             return recv.reshape(n, e_local, c, -1).transpose(1, 0, 2, 3).reshape(
                 e_local, n * c, -1)  # [E/n, n*C, d]
 
@@ -224,7 +225,7 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
             most = min(most, e_local * capacity)
         # Send buffer: kept assignments in expert order (so grouped by destination) first.
         order = jnp.argsort(jnp.where(keep, s.expert, num_experts), stable=True)
-        send = x[s.token[order]]  # [A, d]
+        rows = s.token[order]  # send buffer [A, d] = x[rows]
         kept = jnp.zeros((num_experts,), jnp.int32).at[s.expert].add(keep.astype(jnp.int32))
         every = C.gather(kept[None], expert_axes, axis=0)  # [n src, E]
         sizes = every.reshape(n, n, e_local).sum(-1)  # [src, dst] rows
@@ -236,7 +237,8 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
         there = (send_offsets, send_sizes, place_there, recv_sizes)
         back_plan = (recv_offsets, recv_sizes, (jnp.cumsum(sizes, axis=1) - sizes)[:, me],
                      send_sizes)  # the transpose of ``there``
-        recv = dispatch.ragged(send, there, back_plan, n * most, ragged_exchange, expert_axes)
+        recv = dispatch.ragged(x, there, back_plan, n * most, ragged_exchange, expert_axes,
+                               lambda a, r: a[r], rows)
         # Received rows are source-major, then by local expert; regroup them by expert.
         per_src = jax.lax.dynamic_slice_in_dim(every, me * e_local, e_local, axis=1)  # [n, E/n]
         p = jnp.arange(n * most)
@@ -250,7 +252,7 @@ def experts_ragged_all_to_all(expert_axes: C.Axes, n: int, tensor_axes: C.Axes, 
         h = jax.nn.silu(dot(xs, w.w_gate, sizes_e)) * dot(xs, w.w_up, sizes_e)
         out = jnp.zeros_like(recv).at[regroup].set(dot(h, w.w_down, sizes_e))
         # Back to the senders, into the rows their send buffers had.
-        back = combine.ragged(out, back_plan, there, send.shape[0], ragged_exchange,
+        back = combine.ragged(out, back_plan, there, rows.shape[0], ragged_exchange,
                               expert_axes)
         y_sorted = jnp.zeros_like(back).at[order].set(back)  # [A, d] in sorted order
         y = tensor.reduce_scatter(combine_slots(y_sorted, keep, s, gates), tensor_axes, 0)

@@ -69,17 +69,39 @@ def decode(w: jax.Array, dtype) -> jax.Array:
 
 # -- collectives ------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def exchange(x: jax.Array, axes: C.Axes) -> jax.Array:
-    """``C.exchange`` in FP8: [n*m, ..., d] -> [n*m, ..., d], per-row scales. The backward
-    (the exchange is its own transpose) sends the cotangent back in FP8 too."""
+def _rows_as_is(x, plan):
+    return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _moved(x, plan, select, move, move_back):
+    """move(select(x)) with x's rows encoded once, before ``select`` copies them."""
+    return decode(move(select(encode(x), plan), plan), x.dtype)
+
+
+def _moved_fwd(x, plan, select, move, move_back):
+    return _moved(x, plan, select, move, move_back), (x, plan)
+
+
+def _moved_bwd(select, move, move_back, res, ct):
+    x, plan = res
+    rows = decode(move_back(encode(ct), plan), ct.dtype)  # cotangent of select's output
+    _, select_vjp = jax.vjp(lambda a: select(a, plan), x)  # sums a row's copies, unquantised
+    return select_vjp(rows)[0], _no_grad(plan)
+
+
+_moved.defvjp(_moved_fwd, _moved_bwd)
+
+
+def exchange(x: jax.Array, axes: C.Axes, select=None, plan=()) -> jax.Array:
+    """``C.exchange_rows`` in FP8: per-row scales, x's rows quantised once where they are
+    produced (before ``select`` copies them into the padded per-expert buffers, which then hold
+    and send encoded rows). Backward: the cotangent goes back through the exchange (its own
+    transpose) in FP8 and the copies are summed in the compute dtype."""
     if not axes:
-        return x
-    return decode(C.exchange(encode(x), axes), x.dtype)
-
-
-exchange.defvjp(lambda x, axes: (exchange(x, axes), None),
-                lambda axes, _, ct: (exchange(ct, axes),))
+        return C.exchange_rows(x, axes, select, plan)
+    move = lambda w, _: C.exchange(w, axes)
+    return _moved(x, plan, select or _rows_as_is, move, move)
 
 
 def _blocks_summed(x: jax.Array, axes: C.Axes, axis: int) -> jax.Array:
@@ -137,28 +159,16 @@ def _no_grad(tree):
     return jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), tree)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _ragged(x, there, back, out_rows: int, in_rows: int, move, axes: C.Axes):
-    w = encode(x)
-    out = move(w, jnp.zeros((out_rows, w.shape[1]), w.dtype), *there, axes)
-    return decode(out, x.dtype)
-
-
-def _ragged_bwd(out_rows, in_rows, move, axes, res, ct):
-    there, back = res
-    return _ragged(ct, back, there, in_rows, out_rows, move, axes), _no_grad(there), \
-        _no_grad(back)
-
-
-_ragged.defvjp(lambda x, there, back, out_rows, in_rows, move, axes:
-               (_ragged(x, there, back, out_rows, in_rows, move, axes), (there, back)),
-               _ragged_bwd)
-
-
-def ragged(x: jax.Array, there, back, out_rows: int, move, axes: C.Axes) -> jax.Array:
-    """``C.ragged`` in FP8 with per-row scales; the backward sends the cotangent's rows back
-    along ``back`` in FP8."""
-    return _ragged(x, there, back, out_rows, x.shape[0], move, axes)
+def ragged(x: jax.Array, there, back, out_rows: int, move, axes: C.Axes, select=None,
+           plan=None) -> jax.Array:
+    """``C.ragged_rows`` in FP8 with per-row scales, x's rows quantised once before
+    ``select`` copies them; the backward sends the cotangent's rows back along ``back`` in
+    FP8."""
+    select = select or _rows_as_is
+    in_rows = jax.eval_shape(select, x, plan).shape[0]
+    forth = lambda w, p: move(w, jnp.zeros((out_rows, w.shape[1]), w.dtype), *p[1], axes)
+    back_ = lambda w, p: move(w, jnp.zeros((in_rows, w.shape[1]), w.dtype), *p[2], axes)
+    return _moved(x, (plan, there, back), lambda a, p: select(a, p[0]), forth, back_)
 
 
 def wire(channel_group: int = 128) -> C.Wire:
