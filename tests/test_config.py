@@ -46,7 +46,14 @@ def test_load_config_file_and_default_yaml(tmp_path):
     ({}, ["model.num_dense_layers=3"], r"model\.num_dense_layers: must be between 0 and model\.num_layers=2"),
     ({}, ["model.capacity_factor=0"], r"model\.capacity_factor: must be > 0"),
     ({}, ["train.batch_size=0"], r"train\.batch_size: must be a positive integer"),
-    ({}, ["train.batch_size=12"], r"train\.batch_size: must be divisible by parallel\.data=8"),
+    ({}, ["train.batch_size=12"], r"train\.batch_size: must be divisible by parallel\.data x train\.grad_accum_steps = 8 x 1, got 12"),
+    ({}, ["train.grad_accum_steps=3"], r"train\.batch_size: must be divisible by parallel\.data x train\.grad_accum_steps = 8 x 3, got 16"),
+    ({}, ["train.grad_accum_steps=0"], r"train\.grad_accum_steps: must be a positive integer"),
+    ({}, ["compression.dispatch=fp16"], r"compression\.dispatch: expected one of 'none', 'fp8'"),
+    ({}, ["compression.gradients=bf16"], r"compression\.gradients: expected one of 'fp32', 'bf16_a2a'"),
+    ({}, ["compression.channel_group=0"], r"compression\.channel_group: must be a positive integer"),
+    ({}, ["compression.tensor=fp8", "parallel.tensor=2", "parallel.data=4", "parallel.collective_matmul=ring"], r"compression\.tensor: 'fp8' sends the tensor-parallel collectives on their own; set parallel\.collective_matmul to 'off'"),
+    ({}, ["compression.combine=fp8", "parallel.expert=2", "parallel.expert_data=4", "parallel.dispatch=all_gather", "parallel.collective_matmul=ring"], r"compression\.combine: 'fp8' with the all_gather dispatch needs parallel\.collective_matmul 'off'"),
     ({}, ["parallel.data=4"], r"parallel\.data x parallel\.sequence x parallel\.tensor: 4 x 1 x 1 = 4 but there are 8 devices"),
     ({}, ["parallel.data=0"], r"parallel\.data: must be a positive integer or -1"),
     ({}, ["parallel.expert=3"], r"parallel\.expert_data: cannot fill 8 devices"),
@@ -108,3 +115,13 @@ def test_folded_mesh_axes(overrides, mesh, dispatch):
     assert dict(layout.mesh_axes) == mesh
     assert layout.dispatch == dispatch
     assert layout.sizes["data"] * layout.sizes["sequence"] * layout.sizes["tensor"] == 8
+
+
+def test_every_shipped_config_loads_for_8_devices():
+    from pathlib import Path
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"default.yaml", "compressed.yaml"}
+    for path in configs:
+        load_config(path, device_count=8)
+    cfg = load_config(configs[0].parent / "compressed.yaml")
+    assert (cfg.compression.gradients, cfg.compression.dispatch) == ("bf16_a2a", "fp8")
