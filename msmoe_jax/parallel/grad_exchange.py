@@ -60,13 +60,15 @@ def exchange_gradients(grads, specs, mesh_axes: tuple[str, ...], sizes: dict[str
     spec_leaves = treedef.flatten_up_to(specs)
     groups: dict[C.Axes, list[int]] = {}
     for i, spec in enumerate(spec_leaves):
-        axes = tuple(a for a in replica_axes(spec, mesh_axes) if sizes[a] > 1)
+        axes = replica_axes(spec, mesh_axes)
         if axes:
             groups.setdefault(axes, []).append(i)
     out = list(leaves)
     with jax.named_scope("grad_exchange"):
         for axes, idx in groups.items():
-            if mode == "fp32":
+            # A psum over devices that are all one (a size-1 mesh axis) moves nothing but
+            # types the result as replicated, which shard_map's out_specs need.
+            if mode == "fp32" or math.prod(sizes[a] for a in axes) == 1:
                 summed = jax.lax.psum([leaves[i] for i in idx], axes)
                 for i, g in zip(idx, summed):
                     out[i] = g
