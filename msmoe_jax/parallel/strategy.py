@@ -1,8 +1,9 @@
 """Chooses the parallel implementation once from the config and wraps the model in it.
 
 ``make_ops`` picks the collective-aware pieces of a layer for the layout; ``make_grad_fn`` runs
-the per-device objective and its gradient under one ``shard_map`` over the folded mesh; ``state_specs`` gives
-every parameter and optimizer-state leaf its PartitionSpec from the parameters' logical axes.
+the per-device objective and its gradient under one ``shard_map`` over the folded mesh;
+``state_specs`` gives every parameter and optimizer-state leaf its PartitionSpec from the
+parameters' logical axes.
 
 Routing and permutation run per device inside ``shard_map``: under plain ``jit`` with a sharded
 batch XLA partitions the router's argsort/gather/scatter globally, ~7x slower on 8 simulated
@@ -140,11 +141,12 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
 
             zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), local)
             grads, metrics = jax.lax.scan(accumulate, zeros, (split(inputs), split(targets)))
-            grads = jax.tree.map(lambda g, p: (g / steps).astype(p.dtype), grads, local)
+            grads = jax.tree.map(lambda g: g / steps, grads)
             metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-        grads = exchange_gradients(grads, specs, layout.all_axes, sizes,
-                                   cfg.compression.gradients)
-        return metrics, grads
+        # The exchange starts from FP32 whatever the parameters' dtype.
+        grads = exchange_gradients(jax.tree.map(lambda g: g.astype(jnp.float32), grads), specs,
+                                   layout.all_axes, sizes, cfg.compression.gradients)
+        return metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, local)
 
     # Two cases run without shard_map's varying-axes check: the Pallas interpreter (the
     # kernel path off GPU) evaluates kernels with unvarying grid indices against per-device
