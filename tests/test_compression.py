@@ -267,18 +267,24 @@ FP8_LAYOUTS = {
                                            "expert": 4, "expert_tensor": 2, **A2A},
     "data8-ep4xetp2-gather": {"expert_data": 1, "expert": 4, "expert_tensor": 2, **AG},
     "data8-ep2xed2xetp2-ragged": {"expert_data": 2, "expert": 2, "expert_tensor": 2, **RAGGED},
+    # The ragged dispatch with the Pallas grouped GEMM (interpreted here).
+    "seq4xdata2-ep8-ragged-pallas": {"data": 2, "sequence": 4, "expert_data": 1, "expert": 8,
+                                     **RAGGED},
 }
 
 
 @pytest.mark.parametrize("name", list(FP8_LAYOUTS))
 def test_fp8_communication_on_the_model(name):
-    """Every FP8 switch on (dispatch, combine, tensor-parallel collectives, both directions)
-    against the exact single-device reference: loss within 0.1%, each gradient within 12%
+    """Every switch on (FP8 dispatch, combine and tensor-parallel collectives, both directions;
+    BF16 gradient exchange) against the exact single-device reference: loss within 0.1%, each
+    gradient within 12%
     (relative L2; a gradient crosses several E4M3 roundings of 3 significant bits, each
     ~2-3% RMS). Routing is top-8 of 8 experts here: with top-2, the FP8 noise of the
     tensor-parallel layers before the router flips near-tied expert choices, a discrete
     change that says nothing about the collectives."""
-    run = run_with_reference(FP8_LAYOUTS[name], {**MODEL, "top_k": 8}, compression=FP8_ALL)
+    kernel = {"grouped_gemm": "pallas"} if name.endswith("pallas") else None
+    run = run_with_reference(FP8_LAYOUTS[name], {**MODEL, "top_k": 8}, kernel=kernel,
+                             compression={**FP8_ALL, "gradients": "bf16_a2a"})
     loss, ref = float(run.metrics["loss"]), float(run.ref_metrics["loss"])
     errors = relative_errors(run)
     assert abs(loss - ref) <= 1e-3 * ref
