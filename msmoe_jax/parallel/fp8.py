@@ -75,7 +75,8 @@ def _rows_as_is(x, plan):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _moved(x, plan, select, move, move_back):
-    """move(select(x)) with x's rows encoded once, before ``select`` copies them."""
+    """move(select(x)) with x's rows encoded once, before ``select`` copies them. plan:
+    integer/bool arrays."""
     return decode(move(select(encode(x), plan), plan), x.dtype)
 
 
