@@ -11,26 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msmoe_jax.model.moe import (ExpertWeights, experts_padded,  # noqa: E402
                                  experts_ragged, route_topk)
-
-
-def bench(fn, args, repeats: int) -> float:
-    fn(*args)[0].block_until_ready()  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from timing import timed  # noqa: E402  (benchmarks/timing.py)
 
 
 def main() -> None:
@@ -62,7 +51,7 @@ def main() -> None:
             loss = lambda x, w, impl=impl, cf=capacity_factor: jnp.sum(
                 impl(x, idx, gates, w, cf)[0].astype(jnp.float32) ** 2)
             fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-            t = bench(fn, (x, w), a.repeats)
+            t = timed(fn, x, w, reps=a.repeats)
             base = base or t
             print(f"{mode:<10} {name:<11} {1e3 * t:>9.2f} {t / base:>9.2f}x")
 

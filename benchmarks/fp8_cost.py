@@ -15,9 +15,7 @@ Absolute times only mean something on a GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from msmoe_jax.parallel import fp8
+from timing import timed  # benchmarks/timing.py
 
 # name: (tokens per device, d_model, top_k)
 SHAPES = {
@@ -34,17 +33,6 @@ SHAPES = {
     "paper-internal 8k": (8192, 4096, 3),
 }
 QUICK = {"tiny": (512, 128, 2)}
-
-
-def timed(fn, *args, reps: int) -> float:
-    """Median seconds of ``fn(*args)`` after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

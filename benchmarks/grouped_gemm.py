@@ -15,9 +15,7 @@ the GPU's numbers mean anything; the CPU run checks that the script works.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,6 +27,7 @@ import numpy as np
 from msmoe_jax.kernels.experts import fused_experts, pallas_dot
 from msmoe_jax.kernels.grouped_gemm import Tiles, grouped_matmul
 from msmoe_jax.model.moe import ExpertWeights, grouped_experts
+from timing import timed  # benchmarks/timing.py
 
 # name: (hidden, expert ffn, experts, top_k)
 SHAPES = {
@@ -47,17 +46,6 @@ def group_sizes(rows: int, experts: int, routing: str) -> np.ndarray:
     sizes = np.floor(rows * p / p.sum()).astype(np.int32)
     sizes[0] += rows - sizes.sum()
     return sizes
-
-
-def timed(fn, *args, reps: int) -> float:
-    """Median seconds of ``fn(*args)`` after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def mosaic_ragged_dot():
