@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         return 2
     import jax
 
-    from msmoe_jax.parallel.comm_bytes import human, summarize
+    from msmoe_jax.parallel.comm_bytes import by_scope, human, summarize
 
     n = jax.device_count()
     try:
@@ -155,14 +155,6 @@ def main(argv=None) -> int:
         for name, b in totals.items():
             print(f"{name:<12} {human(b):>14}" + (f" {b / base:>8.2f}x" if base else ""))
     return 0
-
-
-def by_scope(found) -> dict[str, float]:
-    """Bytes per named scope (see ``comm_bytes.SCOPES``)."""
-    out: dict[str, float] = {}
-    for c in found:
-        out[c.scope] = out.get(c.scope, 0.0) + c.bytes
-    return out
 
 
 def describe_compression(cfg: Config) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, tiny_config, write_config
 from msmoe_jax.comms import reference_layouts, step_collectives
-from msmoe_jax.parallel.comm_bytes import collectives
+from msmoe_jax.parallel.comm_bytes import by_scope, collectives
 
 
 def test_hlo_parsing_sizes_and_groups():
@@ -40,10 +40,7 @@ def test_sp_ep_moves_fewer_bytes_than_tp_tp():
         c = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, **reference_layouts(8)[name]))
         _, found = step_collectives(c.validate(8))
-        by_scope = {}
-        for x in found:
-            by_scope[x.scope] = by_scope.get(x.scope, 0) + x.bytes
-        by_layout[name] = by_scope
+        by_layout[name] = by_scope(found)
     sp, tp = by_layout["SP+EP"], by_layout["TP+TP"]
     assert "tensor_attention" not in sp and "ulysses" not in tp
     assert sp["ulysses"] / tp["tensor_attention"] == pytest.approx(0.25, rel=0.05)

@@ -75,9 +75,11 @@ def test_quantize_saturates_instead_of_nan():
     assert yb.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(yb)))
 
 
-def per_device(fn, x, in_spec=P("x"), out_spec=P("x")):
-    return jax.jit(jax.shard_map(fn, mesh=MESH, in_specs=in_spec, out_specs=out_spec))(
-        jax.device_put(x, NamedSharding(MESH, in_spec)))
+def per_device(fn, x):
+    """fn on each device's rows of x (split over the 8 devices), as a global array."""
+    spec = P("x")
+    return jax.jit(jax.shard_map(fn, mesh=MESH, in_specs=spec, out_specs=spec))(
+        jax.device_put(x, NamedSharding(MESH, spec)))
 
 
 def value_and_vjp(collective, x, ct, **kw):
@@ -158,14 +160,7 @@ def test_fp8_ragged_move_of_copied_rows_matches_exact_forward_and_backward():
     x = with_outliers(jax.random.key(3), (n * t, d))
     ct = with_outliers(jax.random.key(4), (n * out_rows, d))
 
-    def run(impl, ct):
-        def fn(x, ct):
-            y, vjp = jax.vjp(lambda v: move(v, impl), x)
-            return y, vjp(ct)[0]
-        sharded = jax.shard_map(fn, mesh=MESH, in_specs=(P("x"), P("x")),
-                                out_specs=(P("x"), P("x")))
-        put = lambda v: jax.device_put(v, NamedSharding(MESH, P("x")))
-        return jax.jit(sharded)(put(x), put(ct))
+    run = lambda impl, ct: value_and_vjp(lambda a, axes: move(a, impl), x, ct)
 
     (y, dx), (y_ref, dx_ref) = run(fp8.ragged, ct), run(C.ragged_rows, ct)
     assert float(jnp.sum(y_ref != 0)) > 0 and float(jnp.sum(dx_ref != 0)) > 0
@@ -321,8 +316,9 @@ def test_compression_halves_the_default_configs_collective_bytes():
     """The default config's program as written: the gradient exchange moves half the bytes
     (BF16 all_to_all + all_gather against an FP32 all-reduce) and the MoE dispatch/combine
     d + 4 bytes per row against 2d in BF16 (1.94x at d = 128)."""
-    from msmoe_jax.comms import DEFAULT_CONFIG, by_scope, compressed, step_collectives
+    from msmoe_jax.comms import DEFAULT_CONFIG, compressed, step_collectives
     from msmoe_jax.config import load_config
+    from msmoe_jax.parallel.comm_bytes import by_scope
 
     cfg = load_config(DEFAULT_CONFIG, device_count=8)
     assert cfg.compression.gradients == "fp32" and cfg.model.dtype == "bfloat16"

@@ -80,6 +80,14 @@ def summarize(found: list[Collective]) -> list[tuple[str, str, int, int, float]]
     return sorted(rows, key=lambda r: -r[4])
 
 
+def by_scope(found: list[Collective]) -> dict[str, float]:
+    """Bytes per scope (one of SCOPES or "other")."""
+    out: dict[str, float] = {}
+    for c in found:
+        out[c.scope] = out.get(c.scope, 0.0) + c.bytes
+    return out
+
+
 def human(b: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if b < 1024 or unit == "GiB":
