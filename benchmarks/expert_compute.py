@@ -19,7 +19,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msmoe_jax.model.moe import (ExpertWeights, experts_padded,  # noqa: E402
                                  experts_ragged, route_topk)
-from timing import timed  # noqa: E402  (benchmarks/timing.py)
+from benchmarks.timing import timed  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from msmoe_jax.parallel import fp8
-from timing import timed  # benchmarks/timing.py
+from benchmarks.timing import timed
 
 # name: (tokens per device, d_model, top_k)
 SHAPES = {

@@ -27,7 +27,7 @@ import numpy as np
 from msmoe_jax.kernels.experts import fused_experts, pallas_dot
 from msmoe_jax.kernels.grouped_gemm import Tiles, grouped_matmul
 from msmoe_jax.model.moe import ExpertWeights, grouped_experts
-from timing import timed  # benchmarks/timing.py
+from benchmarks.timing import timed
 
 # name: (hidden, expert ffn, experts, top_k)
 SHAPES = {
