@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from msmoe_jax import distributed
 from msmoe_jax.cli import add_config_args, load_cli_config
 from msmoe_jax.config import ConfigError
 
@@ -24,11 +25,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_args(p, DEFAULT_CONFIG)
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit without training")
+    p.add_argument("--profile", nargs="?", type=int, const=3, metavar="STEPS",
+                   help="write a JAX profiler trace of STEPS steps (default 3) after the first "
+                        "to run.dir/profile (same as --set run.profile_steps=STEPS)")
+    distributed.add_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.profile is not None:
+        args.overrides.append(f"run.profile_steps={args.profile}")
     cfg = load_cli_config(args)
     if cfg is None:
         return 2
@@ -43,6 +50,18 @@ def main(argv=None) -> int:
     from msmoe_jax.data import DataError
     from msmoe_jax.trainer import train
 
+    try:
+        processes = distributed.resolve(args)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        distributed.initialize(processes, cfg.distributed.heartbeat_timeout_s,
+                               cfg.distributed.init_timeout_s)
+    except Exception as e:  # noqa: BLE001 - XLA's runtime errors carry their own text
+        print(f"error: could not join the multi-process run as {processes}: "
+              f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", file=sys.stderr)
+        return 1
     try:
         cfg.validate(device_count=jax.device_count())
         train(cfg)

@@ -68,6 +68,9 @@ class ParallelConfig:
     """Two views of the same devices (folded parallelism); each view's product is the device
     count, and -1 fills in whatever the other axes of its view leave."""
 
+    # The device count the layout is written for (all processes' devices together); null
+    # = any. A run on a different count stops at load instead of building another mesh.
+    devices: int | None = None
     # Attention view. The residual stream is split over the batch by ``data`` and along the
     # sequence by ``sequence`` x ``tensor``.
     data: int = -1
@@ -208,6 +211,18 @@ class RunConfig:
     # Add the GPU latency-hiding / collective-combining XLA flags (msmoe_jax/cli.py
     # GPU_OVERLAP_FLAGS) to XLA_FLAGS; a flag already in XLA_FLAGS keeps the user's value.
     gpu_overlap_flags: bool = True
+    # Also log the metrics for TensorBoard (run.dir/tensorboard; needs tensorboardX).
+    tensorboard: bool = False
+    # Write a JAX profiler trace (run.dir/profile) of this many steps after the first; 0 = off.
+    profile_steps: int = 0
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    # Multi-process runs: a process silent for this long is declared dead and the run stops.
+    heartbeat_timeout_s: int = 60
+    # How long processes wait for each other to join the run.
+    init_timeout_s: int = 300
 
 
 @dataclasses.dataclass
@@ -222,6 +237,7 @@ class Config:
     compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -313,8 +329,22 @@ class Config:
             need(m.vocab_size >= 256, "model.vocab_size",
                  f"must be >= 256 for the byte-level stdlib corpus, got {m.vocab_size}")
 
+        need(self.run.profile_steps >= 0, "run.profile_steps",
+             f"must be >= 0 (0 = no trace), got {self.run.profile_steps}")
+        for name in ("heartbeat_timeout_s", "init_timeout_s"):
+            value = getattr(self.distributed, name)
+            need(value >= 1, f"distributed.{name}", f"must be a positive integer, got {value}")
+        if self.parallel.devices is not None:
+            need(self.parallel.devices >= 1, "parallel.devices",
+                 f"must be a positive integer or null, got {self.parallel.devices}")
         if device_count is not None:
             from msmoe_jax.parallel.mesh import Layout  # the mesh and its rules live there
+
+            if self.parallel.devices is not None:
+                need(self.parallel.devices == device_count, "parallel.devices",
+                     f"this config is written for {self.parallel.devices} devices but the run "
+                     f"has {device_count}; set parallel.devices=null to fit the layout to "
+                     "whatever devices there are")
 
             Layout.from_config(self, device_count)
         return self

@@ -10,8 +10,9 @@ Two sources:
 
 The stream is cut into non-overlapping windows of ``seq_len + 1`` tokens (inputs plus shifted
 targets). ``grain.MapDataset`` shuffles the window order from the seed, repeats it epoch after
-epoch and batches; its iterator state (a position) is saved with each checkpoint, so a resumed
-run sees exactly the batches the uninterrupted run would have seen.
+epoch and batches; its position (the next batch's index) is saved with each checkpoint, so a resumed run sees
+exactly the batches the uninterrupted run would have seen. In a multi-process run every process
+reads only the rows of each global batch that its own devices hold (``GlobalBatches``).
 """
 
 from __future__ import annotations
@@ -85,21 +86,63 @@ class Windows:
         return window
 
 
+def window_dataset(tokens: np.ndarray, seq_len: int, seed: int, vocab_size: int,
+                   name: str = "data") -> grain.MapDataset:
+    """An endless, seeded MapDataset of int32 windows [seq_len + 1]: a shuffled epoch order,
+    repeated."""
+    windows = Windows(tokens, seq_len, vocab_size, name)
+    return grain.MapDataset.range(windows.count).shuffle(seed=seed).repeat(None).map(windows)
+
+
 def make_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
                  vocab_size: int, name: str = "data") -> grain.MapDataset:
     """An endless, seeded MapDataset of int32 batches [batch_size, seq_len + 1]."""
-    windows = Windows(tokens, seq_len, vocab_size, name)
-    return (grain.MapDataset.range(windows.count)
-            .shuffle(seed=seed)
-            .repeat(None)
-            .map(windows)
+    return (window_dataset(tokens, seq_len, seed, vocab_size, name)
             .batch(batch_size, drop_remainder=True))
 
 
-def make_iterator(cfg: Config):
-    """The training iterator for ``cfg``; has ``get_state()`` / ``set_state()``."""
-    name = "stdlib corpus" if cfg.data.source == "stdlib" else f"data.path={cfg.data.path}"
-    tokens = load_tokens(cfg.data)
-    ds = make_dataset(tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
-                      cfg.model.vocab_size, name)
-    return iter(ds)
+class GlobalBatches:
+    """The global batches of a run, each process reading only the rows its devices hold.
+
+    Global batch ``i`` is windows ``[i * B, (i + 1) * B)`` of the window stream (what
+    ``make_dataset`` batches), whatever the number of processes. ``next(sharding)`` builds the
+    global array from process-local reads (``jax.make_array_from_callback`` asks only for the
+    addressable shards). The position is the next batch's index: saved with checkpoints, so a
+    resumed run (on any mesh or process count) sees the batches the uninterrupted one would.
+    """
+
+    def __init__(self, cfg: Config):
+        name = "stdlib corpus" if cfg.data.source == "stdlib" else f"data.path={cfg.data.path}"
+        self.windows = window_dataset(load_tokens(cfg.data), cfg.train.seq_len, cfg.seed,
+                                      cfg.model.vocab_size, name)
+        self.shape = (cfg.train.batch_size, cfg.train.seq_len + 1)
+        self.position = 0
+
+    def rows(self, batch: int, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of global batch ``batch``: int32 [hi - lo, seq_len + 1]."""
+        first = batch * self.shape[0]
+        return np.stack([self.windows[first + i] for i in range(lo, hi)])
+
+    def next(self, sharding) -> "jax.Array":
+        import jax
+
+        read = {}  # devices holding the same rows (sequence/tensor replicas) read them once
+
+        def shard(index):
+            lo, hi, _ = index[0].indices(self.shape[0])
+            if (lo, hi) not in read:
+                read[(lo, hi)] = self.rows(self.position, lo, hi)
+            return read[(lo, hi)][(slice(None), *index[1:])]
+
+        out = jax.make_array_from_callback(self.shape, sharding, shard)
+        self.position += 1
+        return out
+
+    def get_state(self) -> dict:
+        return {"next_batch": self.position}
+
+    def set_state(self, state: dict) -> None:
+        if "next_batch" not in state:
+            raise DataError(f"the checkpoint's data position {state} has no 'next_batch'; it was "
+                            "written by an older version: set checkpoint.resume=false")
+        self.position = int(state["next_batch"])

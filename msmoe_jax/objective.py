@@ -46,9 +46,15 @@ def loss_terms(graphdef: nnx.GraphDef, params, inputs: jax.Array, targets: jax.A
         metrics.update(
             aux_loss=aux, z_loss=z,
             dropped_frac=jnp.sum(r.dropped) / jnp.sum(r.tokens * cfg.top_k),
+            # Per MoE layer: assignments each expert received [L, E], and those dropped [L].
+            expert_tokens=r.expert_counts, dropped_tokens=r.dropped,
         )
     metrics["loss"] = loss
     return loss, metrics
+
+
+# Metrics that count over the step's tokens: summed over micro-batches, not averaged.
+COUNTS = ("expert_tokens", "dropped_tokens")
 
 
 def reference_loss_fn(cfg: ModelConfig, graphdef: nnx.GraphDef, ops: LayerOps | None = None):

@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 
 from msmoe_jax import flops
 from msmoe_jax.checkpoint import Checkpointer
-from msmoe_jax.config import Config
-from msmoe_jax.data import make_iterator
+from msmoe_jax.config import Config, ConfigError
+from msmoe_jax.data import GlobalBatches
 from msmoe_jax.model import Transformer
 from msmoe_jax.optim import lr_schedule, make_optimizer
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, make_mesh, sharding
@@ -75,18 +75,29 @@ def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout
                    out_shardings=(state_shardings, sharding(mesh, REPLICATED)))
 
 
-class MetricsLog:
-    """metrics.jsonl in the run directory plus console output (a tqdm bar on a terminal)."""
+def lead() -> bool:
+    """Whether this is the process that logs and writes metrics (process 0)."""
+    return jax.process_index() == 0
 
-    def __init__(self, run_dir: Path, total: int, start: int, progress: str):
+
+class MetricsLog:
+    """metrics.jsonl in the run directory plus console output (a tqdm bar on a terminal) and,
+    optionally, TensorBoard. Only process 0 writes; the other processes' logs do nothing."""
+
+    def __init__(self, run_dir: Path, total: int, start: int, progress: str,
+                 tensorboard: bool = False):
+        self.file = self.bar = self.tb = None
+        if not lead():
+            return
         self.path = run_dir / "metrics.jsonl"
         self._drop_records_after(start)  # a resumed run rewrites the steps it redoes
         self.file = open(self.path, "a")
         use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty())
-        self.bar = None
         if use_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        if tensorboard:
+            self.tb = tensorboard_writer(run_dir / "tensorboard")
 
     def _drop_records_after(self, step: int) -> None:
         if not self.path.exists():
@@ -96,8 +107,12 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tb is not None:
+            write_tensorboard(self.tb, record)
         text = (f"step {record['step']:>6} | loss {record['loss']:.4f} | ce {record['ce']:.4f}"
                 + (f" | aux {record['aux_loss']:.4f} | z {record['z_loss']:.3f}"
                    f" | drop {record['dropped_frac']:.3f}" if "aux_loss" in record else "")
@@ -113,13 +128,70 @@ class MetricsLog:
             self.bar.update(n)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.bar is not None:
             self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def tensorboard_writer(directory: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ConfigError("run.tensorboard: needs the tensorboardX package; install it with "
+                          "pip install -e '.[tensorboard]' or set run.tensorboard=false") from None
+    return SummaryWriter(str(directory))
+
+
+def write_tensorboard(writer, record: dict) -> None:
+    """Scalars as they are; per MoE layer the busiest expert's load over the mean load and
+    the dropped assignments."""
+    step = record["step"]
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "step":
+            writer.add_scalar(f"train/{key}", value, step)
+    for i, counts in enumerate(record.get("expert_tokens", [])):
+        mean = max(sum(counts) / len(counts), 1e-9)
+        writer.add_scalar(f"moe/layer{i}/max_load_over_mean", max(counts) / mean, step)
+        writer.add_scalar(f"moe/layer{i}/dropped_tokens", record["dropped_tokens"][i], step)
+    writer.flush()
+
+
+def to_record(metrics: dict) -> dict:
+    """Device metrics as JSON values: floats, and nested lists for the per-layer arrays."""
+    return {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+            for k, v in jax.device_get(metrics).items()}
 
 
 def info(msg: str) -> None:
-    print(msg, flush=True)
+    if lead():
+        print(msg, flush=True)
+
+
+class Profile:
+    """A JAX profiler trace of ``steps`` steps from ``first`` (0-based; after the compiling
+    step), written under ``directory`` for TensorBoard's profile plugin or Perfetto."""
+
+    def __init__(self, directory: Path, first: int, steps: int):
+        self.directory, self.first, self.last = directory, first, first + steps
+        self.running = False
+
+    def at(self, step: int, pending=None) -> None:
+        """Call before running ``step``; ``pending``: the previous step's outputs."""
+        if step == self.first and self.last > self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.running = True
+        elif step == self.last:
+            self.stop(pending)
+
+    def stop(self, pending=None) -> None:
+        if self.running:
+            jax.block_until_ready(pending)  # the traced steps run asynchronously
+            jax.profiler.stop_trace()
+            self.running = False
+            info(f"profiler trace of steps {self.first + 1}..{self.last} in {self.directory}")
 
 
 # Fault injection for the kill-and-resume test: SIGKILL this process right after this step.
@@ -130,14 +202,16 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     """Runs (or resumes) training as configured. Returns a summary of the run."""
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if lead():
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     devices = list(jax.devices() if devices is None else devices)
     layout = Layout.from_config(cfg, len(devices))
     mesh = make_mesh(layout, devices)
     info(f"layout: {layout.describe()}")
-    info(f"mesh {dict(mesh.shape)} over {mesh.size} {devices[0].platform} devices")
+    hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    info(f"mesh {dict(mesh.shape)} over {mesh.size} {devices[0].platform} devices{hosts}")
 
-    data = make_iterator(cfg)
+    data = GlobalBatches(cfg)
     ckpt, latest = None, None
     if cfg.checkpoint.every > 0:
         ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
@@ -166,13 +240,15 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     if start >= cfg.train.steps:
         info(f"nothing to do: the run in {run_dir} is already at step {start} of "
              f"{cfg.train.steps} (raise train.steps to continue it)")
-    log = MetricsLog(run_dir, cfg.train.steps, start, cfg.run.progress)
+    log = MetricsLog(run_dir, cfg.train.steps, start, cfg.run.progress, cfg.run.tensorboard)
+    profile = Profile(run_dir / "profile", start + 1, cfg.run.profile_steps)
     history = []
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
-    t_last, steps_since = None, 0
+    t_last, steps_since, metrics = None, 0, None
     try:
         for step in range(start, cfg.train.steps):
-            tokens = jax.device_put(np.asarray(next(data)), batch_sharding)
+            profile.at(step, metrics)
+            tokens = data.next(batch_sharding)
             if t_last is None:
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, tokens)
@@ -185,7 +261,7 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
             done = step + 1
             log.advance(1)
             if done % cfg.train.log_every == 0 or done in (start + 1, cfg.train.steps):
-                record = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+                record = {"step": done, **to_record(metrics)}
                 now = time.perf_counter()
                 # Throughput excludes the first step (compilation); null until measurable.
                 tps = steps_since * tokens_per_step / (now - t_last) if steps_since else None
@@ -202,6 +278,7 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
             if done == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
+        profile.stop(metrics)
         log.close()
         if ckpt is not None:
             ckpt.close()

@@ -70,3 +70,29 @@ def test_data_errors(tmp_path):
     it = iter(make_dataset(np.full(100, 300), 8, 2, 0, 256, name="data.path=x.bin"))
     with pytest.raises(DataError, match=r"data.path=x.bin: token id 300 .* outside model.vocab_size=256"):
         next(it)
+
+
+def test_global_batches_match_the_batched_stream_on_any_sharding(tmp_path):
+    """A global batch built from per-shard reads is make_dataset's batch, whether the batch
+    is split over 2 row groups (replicated over the rest) or 8."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from conftest import tiny_config
+    from msmoe_jax.data import GlobalBatches, load_tokens
+
+    cfg = tiny_config(tmp_path)
+    expected = iter(make_dataset(load_tokens(cfg.data), cfg.train.seq_len, cfg.train.batch_size,
+                                 cfg.seed, cfg.model.vocab_size))
+    mesh = jax.make_mesh((2, 4), ("data", "seq"))
+    data = GlobalBatches(cfg)
+    for spec in (P("data"), P(("data", "seq")), P("data")):
+        batch = data.next(NamedSharding(mesh, spec))
+        assert batch.shape == (8, 33) and batch.sharding.spec == spec
+        np.testing.assert_array_equal(np.asarray(batch), next(expected))
+    assert data.get_state() == {"next_batch": 3}
+    data.set_state({"next_batch": 1})
+    np.testing.assert_array_equal(data.rows(1, 2, 5), np.asarray(data.next(
+        NamedSharding(mesh, P())))[2:5])
+    with pytest.raises(DataError, match="next_batch"):
+        data.set_state({"position": 3})

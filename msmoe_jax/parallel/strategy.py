@@ -23,7 +23,7 @@ from msmoe_jax.kernels.experts import grouped_dot, kernel_experts
 from msmoe_jax.kernels.grouped_gemm import interpret_default
 from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.model.remat import remat_policy
-from msmoe_jax.objective import loss_terms
+from msmoe_jax.objective import COUNTS, loss_terms
 from msmoe_jax.parallel.attention import (gather_sequence, gather_then, scoped, tensor_attention,
                                           then_scatter, ulysses_attention)
 from msmoe_jax.parallel import collectives as C
@@ -115,7 +115,8 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
     the ``train.grad_accum_steps`` micro-batches in FP32, and the contributions are summed
     over each parameter's replicas once (``grad_exchange``, as ``compression.gradients``
     says). grads: the gradient of the mean micro-batch loss, laid out like params; metrics:
-    scalars averaged over the micro-batches (``loss`` among them).
+    scalars averaged over the micro-batches (``loss`` among them) and the per-layer counts
+    of ``objective.COUNTS`` summed over them.
     """
     ops = make_ops(cfg, layout)
     steps = cfg.train.grad_accum_steps
@@ -142,7 +143,8 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
             zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), local)
             grads, metrics = jax.lax.scan(accumulate, zeros, (split(inputs), split(targets)))
             grads = jax.tree.map(lambda g: g / steps, grads)
-            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+            metrics = {k: (jnp.sum if k in COUNTS else jnp.mean)(m, axis=0)
+                       for k, m in metrics.items()}
         # The exchange starts from FP32 whatever the parameters' dtype.
         grads = exchange_gradients(jax.tree.map(lambda g: g.astype(jnp.float32), grads), specs,
                                    layout.all_axes, sizes, cfg.compression.gradients)
