@@ -21,6 +21,7 @@ import sysconfig
 from pathlib import Path
 
 import grain
+import jax
 import numpy as np
 
 from msmoe_jax.config import Config, DataConfig
@@ -123,9 +124,7 @@ class GlobalBatches:
         first = batch * self.shape[0]
         return np.stack([self.windows[first + i] for i in range(lo, hi)])
 
-    def next(self, sharding) -> "jax.Array":
-        import jax
-
+    def next(self, sharding) -> jax.Array:
         read = {}  # devices holding the same rows (sequence/tensor replicas) read them once
 
         def shard(index):

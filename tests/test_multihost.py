@@ -13,8 +13,8 @@ import sys
 import time
 
 import numpy as np
-
 from conftest import ROOT, read_metrics
+
 from msmoe_jax.config import load_config
 from msmoe_jax.trainer import train
 
