@@ -103,3 +103,28 @@ def test_killed_process_stops_the_other(tmp_path):
     assert "step      2" in logs[0] and "step    500" not in logs[0]
     assert "another task died" in logs[0] or "heartbeat" in logs[0], logs[0][-3000:]
     print(f"the surviving process stopped {elapsed:.0f}s after the start, code {codes[0]}")
+
+
+def test_process_settings_from_flags_environment_or_cluster():
+    import argparse
+
+    import pytest
+
+    from msmoe_jax.distributed import DistributedError, ProcessSpec, resolve
+
+    flags = lambda **kw: argparse.Namespace(**{"coordinator": None, "num_processes": None,
+                                               "process_id": None, **kw})
+    assert resolve(flags(), {}) == ProcessSpec()
+    assert not resolve(flags(), {}).multi_process
+    env = {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    assert resolve(flags(), env) == ProcessSpec("h0:1234", 4, 2)
+    assert resolve(flags(process_id=3), env) == ProcessSpec("h0:1234", 4, 3)  # flags win
+    assert resolve(flags(), {"SLURM_NTASKS": "16"}) == ProcessSpec(cluster="SLURM")
+    assert not resolve(flags(), {"SLURM_NTASKS": "1"}).multi_process
+    assert resolve(flags(), {"OMPI_COMM_WORLD_SIZE": "2"}).cluster == "Open MPI"
+    with pytest.raises(DistributedError, match="--process-id: must be in 0..3"):
+        resolve(flags(process_id=4), env)
+    with pytest.raises(DistributedError, match="--coordinator: expected HOST:PORT"):
+        resolve(flags(coordinator="h0", num_processes=2, process_id=0), {})
+    with pytest.raises(DistributedError, match="JAX_NUM_PROCESSES: expected an integer"):
+        resolve(flags(), {"JAX_NUM_PROCESSES": "two"})
