@@ -117,11 +117,12 @@ def test_folded_mesh_axes(overrides, mesh, dispatch):
     assert layout.sizes["data"] * layout.sizes["sequence"] * layout.sizes["tensor"] == 8
 
 
-def test_every_shipped_config_loads_for_8_devices():
+def test_every_device_agnostic_config_loads_for_8_devices():
     from pathlib import Path
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert {p.name for p in configs} >= {"default.yaml", "compressed.yaml"}
-    for path in configs:
-        load_config(path, device_count=8)
+    for path in configs:  # the cluster configs are checked on their own counts (test_configs)
+        if load_config(path).parallel.devices is None:
+            load_config(path, device_count=8)
     cfg = load_config(configs[0].parent / "compressed.yaml")
     assert (cfg.compression.gradients, cfg.compression.dispatch) == ("bf16_a2a", "fp8")

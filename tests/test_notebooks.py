@@ -9,7 +9,7 @@ from nbclient import NotebookClient
 from conftest import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-SMALL = {"MSMOE_NB_STEPS": "30", "MSMOE_NB_CKPT_STEPS": "10,16"}
+SMALL = {"MSMOE_NB_STEPS": "12", "MSMOE_NB_CKPT_STEPS": "6,10"}
 
 
 def test_the_notebooks_exist():

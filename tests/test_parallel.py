@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from msmoe_jax.model import reference_ops
-from msmoe_jax.objective import reference_loss_fn
+from msmoe_jax.objective import COUNTS, reference_loss_fn
 from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding
 from msmoe_jax.parallel.strategy import make_grad_fn
 from msmoe_jax.trainer import init_state
@@ -162,7 +162,10 @@ def run_with_reference(parallel: dict, model: dict, train: dict | None = None,
     rows = np.arange(b).reshape(data, steps, b // (data * steps)).transpose(1, 0, 2)
     results = [ref_fn(params, tokens[r.reshape(-1)]) for r in rows]
     mean = lambda *xs: sum(xs) / len(xs)
-    ref_metrics = jax.tree.map(mean, *[m for (_, m), _ in results])
+    metrics_of = [m for (_, m), _ in results]
+    # Counts add up over the micro-batches; everything else is their mean.
+    ref_metrics = {k: (sum if k in COUNTS else lambda xs: mean(*xs))([m[k] for m in metrics_of])
+                   for k in metrics_of[0]}
     ref_grads = jax.tree.map(mean, *[g for _, g in results])
     return Run(cfg, layout, state["params"], compiled, metrics, grads, ref_metrics, ref_grads)
 
