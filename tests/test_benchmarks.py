@@ -14,8 +14,9 @@ def load(name):
 
 def test_compare_smoke_run(tmp_path, capsys):
     png = tmp_path / "compare.png"
-    tiny = ["model.d_model=32", "model.num_layers=1", "model.num_dense_layers=0", "model.num_heads=8", "model.d_ff=64",
-            "model.moe_d_ff=32", "train.batch_size=8", "train.seq_len=32"]
+    tiny = ["model.d_model=32", "model.num_layers=1", "model.num_dense_layers=0",
+            "model.num_heads=8", "model.d_ff=64", "model.moe_d_ff=32", "train.batch_size=8",
+            "train.seq_len=32"]
     code = load("compare").main(["--steps", "1", "--plot", str(png),
                                  *[a for o in tiny for a in ("--set", o)]])
     assert code == 0

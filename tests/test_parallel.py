@@ -151,23 +151,35 @@ def run_with_reference(parallel: dict, model: dict, train: dict | None = None,
     compiled = jax.jit(grad_fn).lower(*args).compile()
     metrics, grads = compiled(*args)
 
-    ref_ops = reference_ops("padded")
-    if cfg.model.moe_mode == "capacity":
-        ref_ops = ref_ops._replace(experts=grouped_reference_experts(
-            ref_ops.experts, capacity_groups(layout, mesh, b, s)))
-    ref_fn = jax.jit(jax.value_and_grad(reference_loss_fn(cfg.model, graphdef, ref_ops),
-                                        has_aux=True))
-    params = jax.device_get(state["params"])
     steps, data = cfg.train.grad_accum_steps, layout.sizes["data"]
-    rows = np.arange(b).reshape(data, steps, b // (data * steps)).transpose(1, 0, 2)
-    results = [ref_fn(params, tokens[r.reshape(-1)]) for r in rows]
-    mean = lambda *xs: sum(xs) / len(xs)
-    metrics_of = [m for (_, m), _ in results]
-    # Counts add up over the micro-batches; everything else is their mean.
-    ref_metrics = {k: (sum if k in COUNTS else lambda xs: mean(*xs))([m[k] for m in metrics_of])
-                   for k in metrics_of[0]}
-    ref_grads = jax.tree.map(mean, *[g for _, g in results])
+    # Without capacity groups the reference depends on the model, the batch and the
+    # micro-batch split only (the weights come from the seed): layouts share it.
+    key = None if cfg.model.moe_mode == "capacity" else (
+        repr(cfg.model), repr(cfg.train), cfg.seed, data if steps > 1 else None)
+    if key not in _REFERENCES:
+        ref_ops = reference_ops("padded")
+        if cfg.model.moe_mode == "capacity":
+            ref_ops = ref_ops._replace(experts=grouped_reference_experts(
+                ref_ops.experts, capacity_groups(layout, mesh, b, s)))
+        ref_fn = jax.jit(jax.value_and_grad(reference_loss_fn(cfg.model, graphdef, ref_ops),
+                                            has_aux=True))
+        params = jax.device_get(state["params"])
+        rows = np.arange(b).reshape(data, steps, b // (data * steps)).transpose(1, 0, 2)
+        results = [ref_fn(params, tokens[r.reshape(-1)]) for r in rows]
+        mean = lambda *xs: sum(xs) / len(xs)
+        metrics_of = [m for (_, m), _ in results]
+        # Counts add up over the micro-batches; everything else is their mean.
+        ref_metrics = {k: (sum if k in COUNTS else lambda xs: mean(*xs))(
+            [m[k] for m in metrics_of]) for k in metrics_of[0]}
+        ref_grads = jax.tree.map(mean, *[g for _, g in results])
+        _REFERENCES[key] = ref_metrics, ref_grads
+    ref_metrics, ref_grads = _REFERENCES[key]
+    if key is None:
+        del _REFERENCES[key]
     return Run(cfg, layout, state["params"], compiled, metrics, grads, ref_metrics, ref_grads)
+
+
+_REFERENCES: dict = {}  # reference (metrics, grads) by model, batch and micro-batch split
 
 
 def test_ragged_all_to_all_path_lowers_with_the_real_primitive(monkeypatch):
