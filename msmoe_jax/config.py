@@ -196,6 +196,9 @@ class CheckpointConfig:
     keep: int = 2
     async_save: bool = True
     resume: bool = True  # resume from the latest checkpoint in run.dir/checkpoints
+    # Start (when there is nothing to resume) from these parameters: a directory written by
+    # ``python -m msmoe_jax.convert import`` or a training checkpoint step. Fresh optimizer.
+    init_from: str | None = None
 
 
 @dataclasses.dataclass
@@ -314,6 +317,9 @@ class Config:
         need(self.checkpoint.every >= 0, "checkpoint.every",
              f"must be >= 0 (0 disables checkpoints), got {self.checkpoint.every}")
         need(bool(self.run.dir), "run.dir", "must be a non-empty path")
+        if self.checkpoint.init_from is not None:
+            need(Path(self.checkpoint.init_from).is_dir(), "checkpoint.init_from",
+                 f"no such directory: {self.checkpoint.init_from}")
         if self.run.peak_tflops is not None:
             need(self.run.peak_tflops > 0, "run.peak_tflops",
                  f"must be > 0 or null, got {self.run.peak_tflops}")

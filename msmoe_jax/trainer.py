@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from msmoe_jax import flops
-from msmoe_jax.checkpoint import Checkpointer
+from msmoe_jax.checkpoint import CheckpointError, Checkpointer
 from msmoe_jax.config import Config, ConfigError
 from msmoe_jax.data import GlobalBatches
 from msmoe_jax.model import Transformer
@@ -52,6 +52,24 @@ def init_state(cfg: Config, mesh: Mesh, layout: Layout, abstract: bool = False):
     else:
         state = jax.jit(init, out_shardings=shardings)()
     return graphdef, optimizer, state, specs
+
+
+def load_params(path: str, cfg: Config, mesh: Mesh, layout: Layout):
+    from msmoe_jax.convert import restore_params
+    from msmoe_jax.hf.families import ConversionError
+    try:
+        return restore_params(path, cfg, mesh, layout)
+    except ConversionError as e:
+        raise CheckpointError(f"checkpoint.init_from: {e}") from e
+
+
+def state_from_params(params, optimizer: optax.GradientTransformation, mesh: Mesh, specs):
+    """The train state at step 0 for given parameters: a fresh optimizer state beside them."""
+    def init(params):
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": optimizer.init(params)}
+    shardings = jax.tree.map(lambda spec: sharding(mesh, spec), specs)
+    return jax.jit(init, out_shardings=shardings)(params)
 
 
 def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout, specs,
@@ -217,8 +235,14 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
         ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
                             cfg.checkpoint.async_save)
         latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    init_from = cfg.checkpoint.init_from if latest is None else None
     # Resuming restores into abstract arrays: the fresh model is never materialised.
-    graphdef, optimizer, state, specs = init_state(cfg, mesh, layout, abstract=latest is not None)
+    graphdef, optimizer, state, specs = init_state(
+        cfg, mesh, layout, abstract=latest is not None or init_from is not None)
+    if init_from is not None:
+        state = state_from_params(load_params(init_from, cfg, mesh, layout), optimizer, mesh,
+                                  specs)
+        info(f"initialised the parameters from {init_from}")
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     info(f"model: {n_params:,} parameters, "
          f"{flops.active_matmul_params(cfg.model):,} active matmul parameters per token")

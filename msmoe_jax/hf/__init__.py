@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints (config.json + *.safetensors) to and from msmoe-jax."""

@@ -1,0 +1,112 @@
+"""Reading and writing Hugging Face checkpoints, tensor by tensor.
+
+Import streams: every parameter is built with ``jax.make_array_from_callback`` on its final
+sharding, and each device's block is read from the safetensors files on demand. A stacked
+expert tensor ``[E, d, f]`` is read expert by expert and only the rows and columns the device
+holds (``safe_open(...).get_slice``), so no host ever holds a whole layer's experts, let alone
+the model; a plain tensor is read once per process and sliced for its devices.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors import safe_open
+
+from msmoe_jax.hf.families import ConversionError, Dense, Source, Stacked
+
+
+class Reader:
+    """The tensors of a checkpoint directory: ``model.safetensors`` or the shards listed in
+    ``model.safetensors.index.json``."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise ConversionError(f"{self.directory}: no *.safetensors files")
+            weight_map = {}
+            for f in files:
+                with safe_open(f, "np") as s:
+                    weight_map.update({k: f.name for k in s.keys()})
+        self.weight_map = weight_map
+        self._open: dict[str, object] = {}
+
+    def _file(self, name: str):
+        if name not in self.weight_map:
+            raise ConversionError(f"{self.directory}: tensor {name} is missing")
+        f = self.weight_map[name]
+        if f not in self._open:
+            self._open[f] = safe_open(self.directory / f, "np")
+        return self._open[f]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        part = self._file(name).get_slice(name)
+        return part[index] if index is not None else part[:]
+
+
+def expected_shape(reader: Reader, source: Source, shape: tuple[int, ...], path: str) -> None:
+    """Checks the HF tensor(s) against our parameter's shape before anything is read."""
+    if isinstance(source, Stacked):
+        got = reader.shape(source.names[0])
+        want = shape[1:][::-1] if source.transpose else shape[1:]
+        names, count = source.names[0], len(source.names)
+        ok = tuple(got) == tuple(want) and count == shape[0]
+    else:
+        got, names = reader.shape(source.name), source.name
+        ok = int(np.prod(got)) == int(np.prod(shape))
+    if not ok:
+        raise ConversionError(f"{names}: shape {got} does not fit our {path} of shape {shape}")
+
+
+def load_param(reader: Reader, source: Source, shape, dtype, sharding) -> jax.Array:
+    """One parameter, built on ``sharding`` from per-device reads."""
+    if isinstance(source, Stacked):
+        def block(index):
+            experts, rows, cols = index
+            parts = []
+            for e in range(*experts.indices(shape[0])):
+                name = source.names[e]
+                if source.transpose:  # ours [a, b] = hf [b, a].T
+                    parts.append(reader.read(name, (cols, rows)).T)
+                else:
+                    parts.append(reader.read(name, (rows, cols)))
+            return np.stack(parts).astype(dtype)
+        return jax.make_array_from_callback(shape, sharding, block)
+
+    whole = {}
+
+    def block(index):
+        if "x" not in whole:  # one read per process, shared by its devices
+            x = reader.read(source.name)
+            whole["x"] = (x.T if source.transpose else x).reshape(shape).astype(dtype)
+        return whole["x"][index]
+    out = jax.make_array_from_callback(shape, sharding, block)
+    whole.clear()
+    return out
+
+
+def to_hf(tensors: dict[str, Source], params_by_path: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our parameters (host arrays by path) -> HF tensors by name."""
+    out = {}
+    for path, source in tensors.items():
+        x = params_by_path[path]
+        if isinstance(source, Stacked):
+            for e, name in enumerate(source.names):
+                out[name] = np.ascontiguousarray(x[e].T if source.transpose else x[e])
+        elif source.transpose:
+            x = x.reshape(int(np.prod(x.shape[:source.in_dims])), -1)
+            out[source.name] = np.ascontiguousarray(x.T)
+        else:
+            out[source.name] = np.ascontiguousarray(x)
+    return out
