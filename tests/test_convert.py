@@ -91,3 +91,35 @@ def test_unsupported_switches_are_refused_by_name(tmp_path):
     with pytest.raises(ConversionError, match=r"architectures: \['JambaForCausalLM'\] is not "
                                               "supported"):
         import_checkpoint(tmp_path / "hf", tmp_path / "ours", base)
+
+
+def test_cli_import_then_train_from_it(tmp_path):
+    """The CLI imports; train.py fine-tunes from the written config (checkpoint.init_from):
+    with a learning rate of ~0 the parameters after one step are the imported ones."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, write_config
+    from msmoe_jax.config import load_config
+    from msmoe_jax.trainer import train
+
+    tiny_mixtral(tmp_path / "hf")
+    base = write_config(tiny_config(tmp_path, model={"dtype": "float32"}), tmp_path / "base.yaml")
+    r = subprocess.run([sys.executable, "-m", "msmoe_jax.convert", "import", "--from",
+                        str(tmp_path / "hf"), "--out", str(tmp_path / "ours"), "--config",
+                        str(base), "--set", "parallel.expert=4", "--set", "parallel.data=8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "train with: python train.py --config" in r.stdout
+    run = load_config(tmp_path / "ours" / "config.yaml",
+                      ["train.steps=1", "optimizer.lr=1e-12", "optimizer.warmup_steps=0",
+                       f"run.dir={tmp_path / 'ft'}"], device_count=8)
+    out = train(run)
+    layout = Layout.from_config(run, 8)
+    imported = restore_params(tmp_path / "ours", run, make_mesh(layout), layout)
+    for a, b in zip(jax.tree.leaves(imported), jax.tree.leaves(out["state"]["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    r = subprocess.run([sys.executable, "-m", "msmoe_jax.convert", "import", "--from",
+                        str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "error: " in r.stderr and "no config.json" in r.stderr
