@@ -38,6 +38,13 @@ class ModelConfig:
     num_shared_experts: int = 0
     shared_d_ff: int | None = None  # width of one shared expert; None: moe_d_ff
     renormalize_topk: bool = True  # rescale the top-k gate weights to sum to 1
+    # Scale the shared experts' output by sigmoid(x @ w) per token (Qwen-MoE's shared gate).
+    shared_expert_gate: bool = False
+    # Attention variants of imported models: biases on the Q/K/V projections (Qwen2), and an
+    # RMSNorm on queries and keys before RoPE, per head ("head", Qwen3) or over all heads
+    # together ("full", OLMoE).
+    attention_bias: bool = False
+    qk_norm: Literal["none", "head", "full"] = "none"
     moe_mode: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25  # capacity mode: slots per expert = ceil(cf * tokens * k / E)
     aux_loss_coef: float = 0.01
@@ -285,6 +292,11 @@ class Config:
              f"must be >= 0, got {m.num_shared_experts}")
         if m.shared_d_ff is not None:
             need(m.shared_d_ff >= 1, "model.shared_d_ff", f"must be positive, got {m.shared_d_ff}")
+        need(m.qk_norm != "full" or self.parallel.attention == "ulysses", "model.qk_norm",
+             "'full' normalises over all heads of a token, which parallel.attention 'tensor' "
+             "splits over devices; use parallel.attention: ulysses")
+        need(not m.shared_expert_gate or m.num_shared_experts > 0, "model.shared_expert_gate",
+             "needs model.num_shared_experts > 0")
         need(m.capacity_factor > 0, "model.capacity_factor",
              f"must be > 0, got {m.capacity_factor}")
         need(m.aux_loss_coef >= 0, "model.aux_loss_coef", f"must be >= 0, got {m.aux_loss_coef}")

@@ -52,14 +52,9 @@ def require(hf: dict, field: str, allowed: Callable[[Any], bool], what: str,
         raise ConversionError(f"{field}: {what}, got {value!r}")
 
 
-def mixtral_config(hf: dict) -> dict:
-    """MixtralForCausalLM config.json -> ModelConfig fields."""
-    require(hf, "hidden_act", lambda v: v == "silu", "only 'silu' (SwiGLU) experts are supported",
-            "silu")
-    require(hf, "sliding_window", lambda v: v is None or v >= hf.get("max_position_embeddings", 0),
-            "sliding-window attention is not supported (null, or at least "
-            "max_position_embeddings)")
-    require(hf, "attention_bias", lambda v: not v, "attention biases are not supported", False)
+def common_config(hf: dict) -> dict:
+    """The fields every family shares (Llama-style attention, RMSNorm, SwiGLU experts)."""
+    require(hf, "hidden_act", lambda v: v == "silu", "only 'silu' (SwiGLU) is supported", "silu")
     require(hf, "router_jitter_noise", lambda v: not v,
             "router jitter is not supported (set it to 0)", 0.0)
     return dict(
@@ -67,38 +62,128 @@ def mixtral_config(hf: dict) -> dict:
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"), num_dense_layers=0,
-        num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
-        moe_d_ff=hf["intermediate_size"], num_shared_experts=0,
-        renormalize_topk=True,  # softmax over the top-k logits = renormalised top-k softmax
-        rope_theta=rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        num_experts=hf.get("num_local_experts") or hf["num_experts"],
+        top_k=hf["num_experts_per_tok"], num_shared_experts=0,
+        rope_theta=rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)))
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+        attention_bias=False, qk_norm="none", shared_expert_gate=False)
 
 
-def mixtral_tensors(num_layers: int, num_experts: int, tied: bool) -> dict[str, Source]:
+def full_attention(hf: dict, windowed: bool) -> None:
+    if windowed:
+        require(hf, "sliding_window", lambda v: not v or v >= hf.get("max_position_embeddings", 0),
+                "sliding-window attention is not supported (null, or at least "
+                "max_position_embeddings)")
+
+
+def mixtral_config(hf: dict) -> dict:
+    """MixtralForCausalLM: softmax over the top-k logits = renormalised top-k softmax."""
+    full_attention(hf, True)
+    require(hf, "attention_bias", lambda v: not v, "attention biases are not supported", False)
+    return dict(common_config(hf), moe_d_ff=hf["intermediate_size"], renormalize_topk=True)
+
+
+def dense_prefix(hf: dict) -> int:
+    """Qwen's dense layers as our leading dense layers; other placements are refused."""
+    step = hf.get("decoder_sparse_step", 1)
+    dense = sorted(hf.get("mlp_only_layers") or [])
+    n = hf["num_hidden_layers"]
+    if step != 1:
+        raise ConversionError(f"decoder_sparse_step: only 1 (every layer MoE unless listed in "
+                              f"mlp_only_layers) is supported, got {step}")
+    if dense != list(range(len(dense))) or len(dense) > n:
+        raise ConversionError(f"mlp_only_layers: only the first layers may be dense (our "
+                              f"model.num_dense_layers), got {dense}")
+    return len(dense)
+
+
+def qwen_config(hf: dict, shared: bool) -> dict:
+    """Qwen2MoeForCausalLM (Q/K/V biases, a gated shared expert) and Qwen3MoeForCausalLM
+    (per-head Q/K norms, no shared expert)."""
+    if hf.get("use_sliding_window"):
+        full_attention(hf, True)
+    out = dict(common_config(hf), moe_d_ff=hf["moe_intermediate_size"],
+               d_ff=hf.get("intermediate_size", 1), num_dense_layers=dense_prefix(hf),
+               renormalize_topk=bool(hf.get("norm_topk_prob", not shared)))
+    if shared:
+        width = hf.get("shared_expert_intermediate_size") or 0
+        out.update(attention_bias=bool(hf.get("qkv_bias", True)))
+        if width:
+            out.update(num_shared_experts=1, shared_d_ff=width, shared_expert_gate=True)
+    else:
+        require(hf, "attention_bias", lambda v: not v, "attention biases are not supported "
+                "for Qwen3-MoE", False)
+        out.update(qk_norm="head")
+    return out
+
+
+def olmoe_config(hf: dict) -> dict:
+    """OlmoeForCausalLM: Q/K RMSNorms over all heads together, no top-k renormalisation."""
+    require(hf, "clip_qkv", lambda v: v is None, "clipping Q/K/V is not supported (null)")
+    require(hf, "attention_bias", lambda v: not v, "attention biases are not supported", False)
+    return dict(common_config(hf), moe_d_ff=hf["intermediate_size"], qk_norm="full",
+                renormalize_topk=bool(hf.get("norm_topk_prob", False)))
+
+
+class Naming(NamedTuple):
+    """Where a family keeps its MoE tensors."""
+    moe: str  # the MoE block under a layer: "block_sparse_moe" or "mlp"
+    experts: tuple[str, str, str]  # (gate, up, down) projection names of one expert
+
+
+MIXTRAL = Naming("block_sparse_moe", ("w1", "w3", "w2"))
+QWEN = Naming("mlp", ("gate_proj", "up_proj", "down_proj"))
+
+
+def swiglu(ours: str, hf: str, names=("gate_proj", "up_proj", "down_proj")) -> dict[str, Source]:
+    return {f"{ours}['{w}'].value": Dense(f"{hf}.{n}.weight", True)
+            for w, n in zip(("w_gate", "w_up", "w_down"), names)}
+
+
+def layer_tensors(m, naming: Naming) -> dict[str, Source]:
     """Our parameter path (``jax.tree_util.keystr`` of the params state) -> its HF source."""
     out: dict[str, Source] = {
         "['embed'].value": Dense("model.embed_tokens.weight", False),
         "['final_norm']['scale'].value": Dense("model.norm.weight", False),
     }
-    if not tied:
+    if not m.tie_embeddings:
         out["['lm_head'].value"] = Dense("lm_head.weight", True)
-    for i in range(num_layers):
+    for i in range(m.num_layers):
         ours, hf = f"['blocks'][{i}]", f"model.layers.{i}"
-        moe = f"{hf}.block_sparse_moe"
-        experts = lambda w: tuple(f"{moe}.experts.{e}.{w}.weight" for e in range(num_experts))
+        attn = f"{hf}.self_attn"
         out.update({
             f"{ours}['attn_norm']['scale'].value": Dense(f"{hf}.input_layernorm.weight", False),
             f"{ours}['ffn_norm']['scale'].value": Dense(
                 f"{hf}.post_attention_layernorm.weight", False),
-            **{f"{ours}['attn']['{w}'].value": Dense(f"{hf}.self_attn.{p}_proj.weight", True)
+            **{f"{ours}['attn']['{w}'].value": Dense(f"{attn}.{p}_proj.weight", True)
                for w, p in (("wq", "q"), ("wk", "k"), ("wv", "v"))},
-            f"{ours}['attn']['wo'].value": Dense(f"{hf}.self_attn.o_proj.weight", True, 2),
-            f"{ours}['ffn']['router'].value": Dense(f"{moe}.gate.weight", True),
-            f"{ours}['ffn']['w_gate'].value": Stacked(experts("w1"), True),
-            f"{ours}['ffn']['w_up'].value": Stacked(experts("w3"), True),
-            f"{ours}['ffn']['w_down'].value": Stacked(experts("w2"), True),
+            f"{ours}['attn']['wo'].value": Dense(f"{attn}.o_proj.weight", True, 2),
         })
+        if m.attention_bias:
+            out.update({f"{ours}['attn']['biases'][{j}].value": Dense(f"{attn}.{p}_proj.bias",
+                                                                      False)
+                        for j, p in enumerate("qkv")})
+        if m.qk_norm != "none":
+            out.update({f"{ours}['attn']['qk_norm'][{j}]['scale'].value": Dense(
+                f"{attn}.{p}_norm.weight", False) for j, p in enumerate("qk")})
+        if i < m.num_dense_layers:
+            out.update(swiglu(f"{ours}['ffn']", f"{hf}.mlp"))
+            continue
+        moe = f"{hf}.{naming.moe}"
+        experts = lambda w: tuple(f"{moe}.experts.{e}.{w}.weight" for e in range(m.num_experts))
+        gate, up, down = naming.experts
+        out.update({
+            f"{ours}['ffn']['router'].value": Dense(f"{moe}.gate.weight", True),
+            f"{ours}['ffn']['w_gate'].value": Stacked(experts(gate), True),
+            f"{ours}['ffn']['w_up'].value": Stacked(experts(up), True),
+            f"{ours}['ffn']['w_down'].value": Stacked(experts(down), True),
+        })
+        if m.num_shared_experts:
+            out.update(swiglu(f"{ours}['ffn']['shared']", f"{moe}.shared_expert"))
+        if m.shared_expert_gate:
+            out[f"{ours}['ffn']['shared_gate'].value"] = Dense(f"{moe}.shared_expert_gate.weight",
+                                                               True)
     return out
 
 
@@ -125,10 +210,14 @@ def mixtral_hf_config(m) -> dict:
 
 
 FAMILIES = {
-    "MixtralForCausalLM": Family(
-        "MixtralForCausalLM", mixtral_config,
-        lambda m: mixtral_tensors(m.num_layers, m.num_experts, m.tie_embeddings),
-        mixtral_hf_config),
+    "MixtralForCausalLM": Family("MixtralForCausalLM", mixtral_config,
+                                 lambda m: layer_tensors(m, MIXTRAL), mixtral_hf_config),
+    "Qwen2MoeForCausalLM": Family("Qwen2MoeForCausalLM", lambda hf: qwen_config(hf, True),
+                                  lambda m: layer_tensors(m, QWEN), None),
+    "Qwen3MoeForCausalLM": Family("Qwen3MoeForCausalLM", lambda hf: qwen_config(hf, False),
+                                  lambda m: layer_tensors(m, QWEN), None),
+    "OlmoeForCausalLM": Family("OlmoeForCausalLM", olmoe_config,
+                               lambda m: layer_tensors(m, QWEN), None),
 }
 
 

@@ -77,12 +77,31 @@ class Attention(nnx.Module):
                                ("embed", "kv_heads", "head_dim"))
         self.wo = normal_param(rngs, (h, hd, d), out_std, pdt, ("heads", "head_dim", "embed"))
         self.rope_theta = cfg.rope_theta
+        zeros = lambda n, axis: nnx.Param(jnp.zeros((n, hd), pdt), axes=(axis, "head_dim"))
+        self.biases = (nnx.List([zeros(h, "heads"), zeros(kv, "kv_heads"), zeros(kv, "kv_heads")])
+                       if cfg.attention_bias else None)
+        # "head": one scale per head dimension, shared by the heads; "full": one per channel
+        # of all heads together (the norm then spans every head of a token).
+        width = {"head": (hd, hd), "full": (h * hd, kv * hd)}.get(cfg.qk_norm)
+        self.qk_norm = (nnx.List([RMSNorm(n, cfg.norm_eps, pdt) for n in width])
+                        if width else None)
 
     def __call__(self, x: jax.Array, positions: jax.Array, ops):
         """x: [b, s, d]; positions: [s] -> [b, s, d]. ``ops``: LayerOps."""
         c = lambda p: p[...].astype(self.dtype)
-        project = lambda x: tuple(jnp.einsum("bsd,dhk->bshk", x, c(w))
-                                  for w in (self.wq, self.wk, self.wv))
+
+        def project(x):
+            qkv = [jnp.einsum("bsd,dhk->bshk", x, c(w)) for w in (self.wq, self.wk, self.wv)]
+            if self.biases is not None:
+                qkv = [a + c(b) for a, b in zip(qkv, self.biases)]
+            if self.qk_norm is not None:
+                for i, norm in enumerate(self.qk_norm):
+                    a = qkv[i]
+                    full = norm.scale.shape[0] != a.shape[-1]  # over all heads of a token
+                    a = a.reshape(*a.shape[:2], -1) if full else a
+                    qkv[i] = norm(a).reshape(qkv[i].shape)
+            return tuple(qkv)
+
         (q, k, v), positions = ops.attention_in(x, positions, project)
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)

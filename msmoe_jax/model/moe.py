@@ -254,6 +254,8 @@ class MoE(nnx.Module):
                                    ("experts", "expert_mlp", "embed"))
         self.shared = (SwiGLU(cfg, cfg.num_shared_experts * cfg.resolved_shared_d_ff, rngs)
                        if cfg.num_shared_experts else None)
+        self.shared_gate = (normal_param(rngs, (d, 1), cfg.init_std, pdt, ("embed", None))
+                            if cfg.shared_expert_gate else None)
         self.top_k = cfg.top_k
         self.renormalize = cfg.renormalize_topk
         self.capacity_factor = cfg.capacity_factor if cfg.moe_mode == "capacity" else None
@@ -269,5 +271,8 @@ class MoE(nnx.Module):
         y, dropped = ops.experts(xt, idx, gates, weights, self.capacity_factor)
         y = y.reshape(b, s, d)
         if self.shared is not None:
-            y = y + self.shared(x, ops)
+            shared = self.shared(x, ops)
+            if self.shared_gate is not None:
+                shared = shared * jax.nn.sigmoid(x @ self.shared_gate[...].astype(self.dtype))
+            y = y + shared
         return y, stats._replace(dropped=dropped)
