@@ -119,6 +119,12 @@ def test_family_import_matches_pytorch(tmp_path, family):
     print(f"{family} max |logit difference| {float(np.max(np.abs(ours - ref))):.2e}")
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
+    export_checkpoint(tmp_path / "ours", tmp_path / "back", run)
+    back = type(hf).from_pretrained(tmp_path / "back").eval()
+    for (name, a), (_, b) in zip(sorted(hf.state_dict().items()), sorted(back.state_dict().items())):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+    np.testing.assert_allclose(torch_logits(back), ref, atol=1e-6)
+
 
 def test_unsupported_switches_are_refused_by_name(tmp_path):
     base = tiny_config(tmp_path)

@@ -18,10 +18,12 @@ class ConversionError(ValueError):
 class Dense(NamedTuple):
     """One HF linear/embedding tensor. ``transpose``: ours is the HF ``[out, in]`` transposed,
     then reshaped to our shape (e.g. ``[d, heads, head_dim]``); our first ``in_dims`` axes
-    are HF's ``in`` (2 for the output projection ``[heads, head_dim, d]``)."""
+    are HF's ``in`` (2 for the output projection ``[heads, head_dim, d]``). ``flat``: the HF
+    tensor is 1-D and ours its reshape (a bias ``[heads, head_dim]``)."""
     name: str
     transpose: bool
     in_dims: int = 1
+    flat: bool = False
 
 
 class Stacked(NamedTuple):
@@ -162,7 +164,7 @@ def layer_tensors(m, naming: Naming) -> dict[str, Source]:
         })
         if m.attention_bias:
             out.update({f"{ours}['attn']['biases'][{j}].value": Dense(f"{attn}.{p}_proj.bias",
-                                                                      False)
+                                                                      False, flat=True)
                         for j, p in enumerate("qkv")})
         if m.qk_norm != "none":
             out.update({f"{ours}['attn']['qk_norm'][{j}]['scale'].value": Dense(
@@ -194,30 +196,55 @@ class Family(NamedTuple):
     hf_config: Callable[[Any], dict]  # ModelConfig -> config.json fields (export)
 
 
-def mixtral_hf_config(m) -> dict:
+def base_hf_config(m, arch: str, model_type: str) -> dict:
     return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-        "vocab_size": m.vocab_size, "hidden_size": m.d_model,
-        "intermediate_size": m.moe_d_ff, "num_hidden_layers": m.num_layers,
+        "architectures": [arch], "model_type": model_type,
+        "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
-        "head_dim": m.resolved_head_dim, "num_local_experts": m.num_experts,
-        "num_experts_per_tok": m.top_k, "hidden_act": "silu", "rms_norm_eps": m.norm_eps,
-        "rope_theta": m.rope_theta, "tie_word_embeddings": m.tie_embeddings,
-        "router_aux_loss_coef": m.aux_loss_coef, "router_jitter_noise": 0.0,
-        "sliding_window": None, "max_position_embeddings": 4096 * 32,
+        "head_dim": m.resolved_head_dim, "num_experts_per_tok": m.top_k, "hidden_act": "silu",
+        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+        "tie_word_embeddings": m.tie_embeddings, "router_aux_loss_coef": m.aux_loss_coef,
+        "max_position_embeddings": 4096 * 32, "sliding_window": None,
         "torch_dtype": "float32" if m.param_dtype == "float32" else "bfloat16",
     }
+
+
+def mixtral_hf_config(m) -> dict:
+    return dict(base_hf_config(m, "MixtralForCausalLM", "mixtral"),
+                intermediate_size=m.moe_d_ff, num_local_experts=m.num_experts,
+                router_jitter_noise=0.0)
+
+
+def qwen_hf_config(m, shared: bool) -> dict:
+    arch, kind = (("Qwen2MoeForCausalLM", "qwen2_moe") if shared
+                  else ("Qwen3MoeForCausalLM", "qwen3_moe"))
+    out = dict(base_hf_config(m, arch, kind), num_experts=m.num_experts,
+               moe_intermediate_size=m.moe_d_ff, intermediate_size=m.d_ff,
+               mlp_only_layers=list(range(m.num_dense_layers)), decoder_sparse_step=1,
+               norm_topk_prob=m.renormalize_topk, use_sliding_window=False)
+    if shared:
+        out.update(qkv_bias=m.attention_bias,
+                   shared_expert_intermediate_size=(m.num_shared_experts * m.resolved_shared_d_ff
+                                                    if m.num_shared_experts else 0))
+    return out
+
+
+def olmoe_hf_config(m) -> dict:
+    return dict(base_hf_config(m, "OlmoeForCausalLM", "olmoe"), num_experts=m.num_experts,
+                intermediate_size=m.moe_d_ff, norm_topk_prob=m.renormalize_topk, clip_qkv=None)
 
 
 FAMILIES = {
     "MixtralForCausalLM": Family("MixtralForCausalLM", mixtral_config,
                                  lambda m: layer_tensors(m, MIXTRAL), mixtral_hf_config),
     "Qwen2MoeForCausalLM": Family("Qwen2MoeForCausalLM", lambda hf: qwen_config(hf, True),
-                                  lambda m: layer_tensors(m, QWEN), None),
+                                  lambda m: layer_tensors(m, QWEN),
+                                  lambda m: qwen_hf_config(m, True)),
     "Qwen3MoeForCausalLM": Family("Qwen3MoeForCausalLM", lambda hf: qwen_config(hf, False),
-                                  lambda m: layer_tensors(m, QWEN), None),
+                                  lambda m: layer_tensors(m, QWEN),
+                                  lambda m: qwen_hf_config(m, False)),
     "OlmoeForCausalLM": Family("OlmoeForCausalLM", olmoe_config,
-                               lambda m: layer_tensors(m, QWEN), None),
+                               lambda m: layer_tensors(m, QWEN), olmoe_hf_config),
 }
 
 
@@ -231,9 +258,21 @@ def family_of(hf: dict) -> Family:
 
 
 def family_for_export(m) -> Family:
-    """The family a ModelConfig exports as: Mixtral's layout covers our plain MoE model."""
-    if m.num_dense_layers or m.num_shared_experts or not m.renormalize_topk:
-        raise ConversionError(
-            "model: only Mixtral-layout models (no dense layers, no shared experts, "
-            "renormalize_topk true) can be exported so far")
-    return FAMILIES["MixtralForCausalLM"]
+    """The HF family whose architecture computes what our ModelConfig ``m`` computes."""
+    if m.qk_norm == "full":
+        arch = "OlmoeForCausalLM"
+    elif m.qk_norm == "head":
+        arch = "Qwen3MoeForCausalLM"
+    elif m.attention_bias or m.num_shared_experts or m.num_dense_layers:
+        arch = "Qwen2MoeForCausalLM"
+    else:
+        arch = "MixtralForCausalLM" if m.renormalize_topk else "Qwen2MoeForCausalLM"
+    family = FAMILIES[arch]
+    # Round trip: the family must read back exactly this model.
+    back = family.model_config(family.hf_config(m))
+    differs = {k: (getattr(m, k), v) for k, v in back.items()
+               if k not in ("head_dim", "d_ff", "shared_d_ff") and getattr(m, k) != v}
+    if differs:
+        raise ConversionError(f"model: no supported Hugging Face family computes this model "
+                              f"({arch} would change {differs})")
+    return family

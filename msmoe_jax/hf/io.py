@@ -108,5 +108,5 @@ def to_hf(tensors: dict[str, Source], params_by_path: dict[str, np.ndarray]) -> 
             x = x.reshape(int(np.prod(x.shape[:source.in_dims])), -1)
             out[source.name] = np.ascontiguousarray(x.T)
         else:
-            out[source.name] = np.ascontiguousarray(x)
+            out[source.name] = np.ascontiguousarray(x.reshape(-1) if source.flat else x)
     return out
