@@ -206,3 +206,25 @@ def lower_grad_step(cfg, platforms=None):
                                   sharding=sharding(mesh, layout.batch))
     traced = jax.jit(grad_fn).trace(state["params"], tokens)
     return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
+
+
+# The switches of imported models (Qwen2: Q/K/V biases and a gated shared expert; Qwen3:
+# per-head Q/K norms; OLMoE: Q/K norms over all heads) under layouts that split heads.
+IMPORTED = {
+    "qwen2-tp2xseq2xdata2-tpattn": (
+        {"data": 2, "sequence": 2, "tensor": 2, "attention": "tensor", "expert_data": 2,
+         "expert": 4, **A2A},
+        {"attention_bias": True, "shared_expert_gate": True}),
+    "qwen3-seq4xdata2-ep8-tpattn": (
+        {"data": 2, "sequence": 4, "attention": "tensor", "expert_data": 1, "expert": 8, **A2A},
+        {"qk_norm": "head", "num_shared_experts": 0}),
+    "olmoe-seq4xdata2-ep8-ulysses": (
+        {"data": 2, "sequence": 4, "expert_data": 1, "expert": 8, **AG},
+        {"qk_norm": "full", "num_shared_experts": 0, "renormalize_topk": False}),
+}
+
+
+@pytest.mark.parametrize("name", IMPORTED)
+def test_imported_model_switches_match_single_device(name):
+    parallel, model = IMPORTED[name]
+    check_against_reference(parallel, {**MODEL, **model})
