@@ -100,7 +100,6 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, cfg: Config, devi
 def restore_params(path: str | Path, cfg: Config, mesh, layout):
     """Parameters from an imported directory (``params``) or a training checkpoint step
     (``state``), placed on ``mesh`` as ``layout`` shards them."""
-    import jax
     import orbax.checkpoint as ocp
 
     from msmoe_jax.trainer import init_state
@@ -112,13 +111,11 @@ def restore_params(path: str | Path, cfg: Config, mesh, layout):
             if (path / PARAMS).is_dir():
                 return ckpt.restore(path / PARAMS, abstract["params"])
             if (path / "state").is_dir():
-                target = {k: v for k, v in abstract.items()}
-                return ckpt.restore(path / "state", target)["params"]
+                return ckpt.restore(path / "state", abstract)["params"]
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report them plainly
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise ConversionError(f"{path}: could not restore parameters for this model config "
                               f"({type(e).__name__}: {msg})") from e
-    del jax
     raise ConversionError(f"{path}: neither an imported directory ({PARAMS}/) nor a training "
                           "checkpoint step (state/)")
 

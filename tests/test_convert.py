@@ -149,7 +149,7 @@ def test_cli_import_then_train_from_it(tmp_path):
     from msmoe_jax.config import load_config
     from msmoe_jax.trainer import train
 
-    tiny_mixtral(tmp_path / "hf")
+    hf = tiny_mixtral(tmp_path / "hf")
     base = write_config(tiny_config(tmp_path, model={"dtype": "float32"}), tmp_path / "base.yaml")
     r = subprocess.run([sys.executable, "-m", "msmoe_jax.convert", "import", "--from",
                         str(tmp_path / "hf"), "--out", str(tmp_path / "ours"), "--config",
@@ -159,12 +159,21 @@ def test_cli_import_then_train_from_it(tmp_path):
     assert "train with: python train.py --config" in r.stdout
     run = load_config(tmp_path / "ours" / "config.yaml",
                       ["train.steps=1", "optimizer.lr=1e-12", "optimizer.warmup_steps=0",
+                       "checkpoint.every=1", "checkpoint.async_save=false",
                        f"run.dir={tmp_path / 'ft'}"], device_count=8)
     out = train(run)
     layout = Layout.from_config(run, 8)
     imported = restore_params(tmp_path / "ours", run, make_mesh(layout), layout)
     for a, b in zip(jax.tree.leaves(imported), jax.tree.leaves(out["state"]["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # The fine-tuned run's last checkpoint step exports (its config is the run's config.json)
+    # and transformers computes the same logits as the original model (lr ~0).
+    r = subprocess.run([sys.executable, "-m", "msmoe_jax.convert", "export", "--from",
+                        str(tmp_path / "ft" / "checkpoints" / "1"), "--out", str(tmp_path / "hf2")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    back = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf2").eval()
+    np.testing.assert_allclose(torch_logits(back), torch_logits(hf), atol=1e-4)
     r = subprocess.run([sys.executable, "-m", "msmoe_jax.convert", "import", "--from",
                         str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
