@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -91,26 +89,13 @@ def peak_bytes(compiled) -> float | None:
 
 
 def measure(name, step, state, tokens, steps: int, n: int) -> dict:
-    import jax
+    from benchmarks.timing import time_train_step
 
-    from msmoe_jax.parallel.comm_bytes import collectives
-
-    t0 = time.perf_counter()
-    compiled = step.lower(state, tokens).compile()
-    compile_s = time.perf_counter() - t0
-    sent = sum(c.bytes for c in collectives(compiled.as_text(), n))
-    state, metrics = compiled(state, tokens)
-    jax.block_until_ready(metrics)
-    loss = float(metrics["loss"])  # the loss of the same first step for every variant
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, tokens)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    print(f"  done {name}: {1e3 * statistics.median(times):.0f} ms/step", flush=True)
-    return dict(name=name, compile_s=compile_s, seconds=statistics.median(times),
-                peak=peak_bytes(compiled), sent=sent, loss=loss)
+    r = time_train_step(step, state, tokens, steps, n)
+    print(f"  done {name}: {1e3 * r['seconds']:.0f} ms/step", flush=True)
+    # The loss of the same first step for every variant: the check that they agree.
+    return dict(name=name, compile_s=r["compile_s"], seconds=r["seconds"],
+                peak=peak_bytes(r["compiled"]), sent=r["sent"], loss=r["first_loss"])
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msmoe_jax.cli import add_config_args, load_cli_config  # noqa: E402
@@ -53,7 +51,8 @@ def main() -> int:
     import jax
 
     from msmoe_jax.comms import build_step
-    from msmoe_jax.parallel.comm_bytes import collectives, human
+    from benchmarks.timing import time_train_step
+    from msmoe_jax.parallel.comm_bytes import human
 
     n = jax.device_count()
     t = cfg.train
@@ -69,22 +68,11 @@ def main() -> int:
             print(f"skip {name}: {e}")
             continue
         layout, _, step, state, tokens = build_step(c, abstract=False)
-        t0 = time.perf_counter()
-        compiled = step.lower(state, tokens).compile()
-        compile_s = time.perf_counter() - t0
-        sent = sum(x.bytes for x in collectives(compiled.as_text(), n))
-        state, metrics = compiled(state, tokens)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, tokens)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
-        ms = 1e3 * float(np.median(times))
+        r = time_train_step(step, state, tokens, args.steps, n)
+        compile_s, sent, ms = r["compile_s"], r["sent"], 1e3 * r["seconds"]
         base = base or ms
         rows.append((name, layout.describe(), compile_s, ms, ms / base, sent,
-                     float(metrics["loss"])))
+                     r["last_loss"]))
         print(f"  done {name}: {ms:.0f} ms/step", flush=True)
     print(f"\n{'layout':<26} {'compile s':>9} {'ms/step':>9} {'vs data':>8} {'sent/step':>11} "
           f"{'loss':>7}")
