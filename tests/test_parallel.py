@@ -195,6 +195,38 @@ def test_ragged_all_to_all_path_lowers_with_the_real_primitive(monkeypatch):
     assert text.count("ragged_all_to_all") >= 4  # dispatch and combine, forward and backward
 
 
+def test_ragged_exchange_refuses_an_invariant_landing_buffer():
+    """ragged_all_to_all types its result as its output buffer: one made with jnp.zeros is
+    invariant, and autodiff then all-reduces the received rows' cotangents over the group.
+    The CPU emulation refuses such a buffer as the primitive would mistype it, and with a
+    ``landing`` buffer its gradient is exact (each device's rows reach only their sender)."""
+    from jax.sharding import PartitionSpec as P
+
+    from msmoe_jax.parallel import collectives as C
+
+    mesh = jax.make_mesh((8,), ("e",), axis_types=(jax.sharding.AxisType.Auto,))
+    sizes = jnp.ones((8,), jnp.int32)  # one row to every device
+    offsets = jnp.arange(8, dtype=jnp.int32)
+
+    def moved(x, make_buffer):
+        def per_device(x):
+            there = (offsets, sizes, jnp.full((8,), C.index(("e",)), jnp.int32), sizes)
+            out = C.ragged_exchange_padded(x, make_buffer(x, there), *there, ("e",))
+            return out * (1.0 + C.index(("e",)))  # a per-device weight, to see whose rows
+        return jax.shard_map(per_device, mesh=mesh, in_specs=P("e"), out_specs=P("e"))(x)
+
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (64, 4)),
+                       jax.sharding.NamedSharding(mesh, P("e")))
+    invariant = lambda x, there: jnp.zeros((8, x.shape[1]), x.dtype)
+    with pytest.raises(TypeError, match="landing"):
+        jax.grad(lambda x: jnp.sum(moved(x, invariant) ** 2))(x)
+    landing = lambda x, there: C.landing(8, x, ("e",), *there)
+    grad = jax.grad(lambda x: jnp.sum(moved(x, landing) ** 2))(x)
+    # Row j of device i lands on device j (at row i), weighted by (1 + j).
+    weight = jnp.tile(1.0 + jnp.arange(8.0), 8)[:, None]
+    np.testing.assert_allclose(grad, 2 * x * weight ** 2, rtol=1e-6)
+
+
 def lower_grad_step(cfg, platforms=None):
     """The gradient of the loss for ``cfg`` on 8 devices, traced from abstract parameters and
     tokens and lowered (for ``platforms``, default this backend) without compiling."""

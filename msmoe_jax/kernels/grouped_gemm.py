@@ -154,8 +154,11 @@ def _gmm_kernel(group_ref, tile_ref, start_ref, end_ref, src_ref, dst_ref, scale
         return acc + plt.dot(a, b, precision=precision)
 
     # Only real groups multiply; the padding group and unused items write zeros / nothing.
-    acc = jax.lax.fori_loop(0, jnp.where(g < num_groups, k_steps, 0), step,
-                            jnp.zeros((bm, bn), jnp.float32))
+    # The trip count's operands are int32 arrays, not Python ints: Pallas' Triton lowering
+    # of select_n types weak-typed literals like the predicate (i1), which gives an i1 loop
+    # bound that Triton rejects ('scf.for' bounds of different types).
+    trips = jnp.where(g < num_groups, jnp.int32(k_steps), jnp.int32(0))
+    acc = jax.lax.fori_loop(jnp.int32(0), trips, step, jnp.zeros((bm, bn), jnp.float32))
     if scale_ref is not None:
         acc = acc * plt.load(scale_ref.at[rows], mask=valid, other=0)[:, None]
     dst = rows if dst_ref is None else jnp.clip(plt.load(dst_ref.at[rows]), 0, m_out - 1)

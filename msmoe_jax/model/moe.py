@@ -230,11 +230,13 @@ def capacity_keep(s: SortedAssignments, capacity: int | None):
 experts_ragged = grouped_experts()
 
 
-def local_experts(impl: str = "auto") -> ExpertsFn:
+def local_experts(impl: str = "auto", gpu: bool | None = None) -> ExpertsFn:
     """The single-device experts function; ``auto`` is ragged_dot on GPU, padded elsewhere
-    (``ragged_dot`` is several times slower than a dense einsum of the same FLOPs on CPU)."""
+    (``ragged_dot`` is several times slower than a dense einsum of the same FLOPs on CPU).
+    ``gpu``: whether the devices are GPUs (default: JAX's default backend)."""
     if impl == "auto":
-        impl = "ragged_dot" if jax.default_backend() == "gpu" else "padded"
+        gpu = jax.default_backend() == "gpu" if gpu is None else gpu
+        impl = "ragged_dot" if gpu else "padded"
     return {"padded": experts_padded, "ragged_dot": experts_ragged}[impl]
 
 

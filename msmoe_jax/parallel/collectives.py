@@ -66,7 +66,9 @@ def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, 
     """``jax.lax.ragged_all_to_all`` over ``axes`` (GPU): rows
     operand[input_offsets[j] : + send_sizes[j]] go to device j, landing at its
     output[output_offsets[j] : ...]; recv_sizes[i] rows arrive from device i.
-    operand: [A, d]; output: [O, d] (initial contents kept where nothing lands) -> [O, d]."""
+    operand: [A, d]; output: [O, d] (initial contents kept where nothing lands) -> [O, d].
+    ``output`` must be a ``landing`` buffer (see there)."""
+    check_landing(output, operand, axes, input_offsets, send_sizes, output_offsets, recv_sizes)
     return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
                                      output_offsets, recv_sizes, axis_name=axes)
 
@@ -75,7 +77,10 @@ def ragged_exchange_padded(operand, output, input_offsets, send_sizes, output_of
                            recv_sizes, axes: Axes):
     """The contract of ``ragged_exchange`` built from a padded all_to_all, for backends without
     ``ragged_all_to_all`` (CPU): each device's chunk for device j is padded to A rows, so it
-    moves n*A rows whatever the sizes. Differentiable like any JAX code."""
+    moves n*A rows whatever the sizes. Differentiable like any JAX code. It types its result
+    as the primitive does (as ``output``), so it refuses the buffers the primitive would
+    mistype."""
+    check_landing(output, operand, axes, input_offsets, send_sizes, output_offsets, recv_sizes)
     a, d = operand.shape
     n = send_sizes.shape[0]
     r = jax.numpy.arange(a)
@@ -86,6 +91,39 @@ def ragged_exchange_padded(operand, output, input_offsets, send_sizes, output_of
     dest = jax.numpy.where(r[None, :] < recv_sizes[:, None], where[:, None] + r[None, :],
                            output.shape[0])  # out of range: dropped by the scatter
     return output.at[dest.reshape(-1)].set(recv.reshape(n * a, d), mode="drop")
+
+
+def landing(rows: int, operand, axes: Axes, *plan) -> jax.Array:
+    """A zero [rows, d] buffer for a ragged exchange of ``operand`` over ``axes``.
+
+    ``ragged_all_to_all`` types its result exactly as its ``output`` operand. A buffer made
+    with ``jnp.zeros`` is invariant across the devices, so the received rows (different on
+    every device) would be typed invariant, and autodiff would all-reduce their cotangents
+    over the mesh, summing unrelated tokens' gradients. This buffer varies over the group,
+    the operand's axes and the plan's (offsets and sizes)."""
+    zeros = jax.numpy.zeros((rows, operand.shape[1]), operand.dtype)
+    return vary(zeros, _landing_axes(operand, axes, plan))
+
+
+def _landing_axes(operand, axes: Axes, plan) -> Axes:
+    found = set(axes) | varying_axes(operand)
+    for a in plan:
+        found |= varying_axes(a)
+    return tuple(sorted(found))
+
+
+def check_landing(output, operand, axes: Axes, *plan) -> None:
+    """Refuses an ``output`` buffer that would type the exchanged rows wrongly (see
+    ``landing``). Inactive with shard_map's varying-axes check off (nothing is typed)."""
+    if not varying_axes(operand):  # check off, or nothing varies: no typing to get wrong
+        return
+    missing = set(_landing_axes(operand, axes, plan)) - varying_axes(output)
+    if missing:
+        raise TypeError(
+            f"ragged exchange over {axes}: the output buffer is invariant over "
+            f"{sorted(missing)}, so ragged_all_to_all would type the received rows invariant "
+            "and autodiff would sum their gradients over those devices; make it with "
+            "collectives.landing()")
 
 
 def exchange_rows(x, axes: Axes, select=None, plan=()):
@@ -101,7 +139,7 @@ def ragged_rows(x, there, back, out_rows: int, move, axes: Axes, select=None, pl
     version's backward sends along it; here autodiff transposes ``move`` itself)."""
     del back
     x = x if select is None else select(x, plan)
-    return move(x, jax.numpy.zeros((out_rows, x.shape[1]), x.dtype), *there, axes)
+    return move(x, landing(out_rows, x, axes, *there), *there, axes)
 
 
 class Wire(NamedTuple):

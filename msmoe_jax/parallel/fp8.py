@@ -167,8 +167,8 @@ def ragged(x: jax.Array, there, back, out_rows: int, move, axes: C.Axes, select=
     FP8."""
     select = select or _rows_as_is
     in_rows = jax.eval_shape(select, x, plan).shape[0]
-    forth = lambda w, p: move(w, jnp.zeros((out_rows, w.shape[1]), w.dtype), *p[1], axes)
-    back_ = lambda w, p: move(w, jnp.zeros((in_rows, w.shape[1]), w.dtype), *p[2], axes)
+    forth = lambda w, p: move(w, C.landing(out_rows, w, axes, *p[1]), *p[1], axes)
+    back_ = lambda w, p: move(w, C.landing(in_rows, w, axes, *p[2]), *p[2], axes)
     return _moved(x, (plan, there, back), lambda a, p: select(a, p[0]), forth, back_)
 
 

@@ -19,8 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from msmoe_jax.config import Config
+from msmoe_jax.h100 import is_gpu
 from msmoe_jax.kernels.experts import grouped_dot, kernel_experts
-from msmoe_jax.kernels.grouped_gemm import interpret_default
 from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.model.remat import remat_policy
 from msmoe_jax.objective import COUNTS, loss_terms
@@ -34,8 +34,9 @@ from msmoe_jax.parallel.grad_exchange import exchange_gradients, vary_replicas
 from msmoe_jax.parallel.mesh import REPLICATED, Layout
 
 
-def make_ops(cfg: Config, layout: Layout) -> LayerOps:
-    """The LayerOps for ``layout``: per-device pieces that communicate over its mesh axes."""
+def make_ops(cfg: Config, layout: Layout, gpu: bool = False) -> LayerOps:
+    """The LayerOps for ``layout``: per-device pieces that communicate over its mesh axes.
+    ``gpu``: the mesh is made of GPUs (``h100.is_gpu``), real or compile-only."""
     size = layout.sizes
     seq, n_seq = layout.seq_axes, size["sequence"] * size["tensor"]
     tensor = layout.axes["tensor"]
@@ -54,21 +55,20 @@ def make_ops(cfg: Config, layout: Layout) -> LayerOps:
                          attention_out=scoped(then_scatter(seq, n_seq, ring, tp),
                                               "tensor_attention"))
     expert, et = layout.axes["expert"], layout.axes["expert_tensor"]
-    gpu = jax.default_backend() == "gpu"
     pallas = cfg.kernel.resolved == "pallas"
     # The chunked pipeline runs the padded exchange (its stages have static shapes).
     ragged = cfg.parallel.all_to_all == "ragged" or (
         cfg.parallel.all_to_all == "auto" and (gpu or pallas) and cfg.parallel.chunks == 1)
     if size["expert"] == 1 and size["expert_tensor"] == 1:
-        experts = kernel_experts(cfg.kernel) if pallas else local_experts(
-            cfg.model.expert_compute)
+        experts = kernel_experts(cfg.kernel, not gpu) if pallas else local_experts(
+            cfg.model.expert_compute, gpu)
     elif layout.dispatch == "all_gather":
         experts = experts_all_gather(expert, size["expert"], et, size["expert_tensor"], ring,
                                      cfg.parallel.chunks, send, back)
     elif ragged:
         exchange = C.ragged_exchange if gpu else C.ragged_exchange_padded
         experts = experts_ragged_all_to_all(expert, size["expert"], et, size["expert_tensor"],
-                                            exchange, grouped_dot(cfg.kernel), send, back, tp)
+                                            exchange, grouped_dot(cfg.kernel, not gpu), send, back, tp)
     else:
         experts = experts_all_to_all(expert, size["expert"], et, size["expert_tensor"],
                                      cfg.parallel.chunks, send, back, tp)
@@ -118,7 +118,8 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
     scalars averaged over the micro-batches (``loss`` among them) and the per-layer counts
     of ``objective.COUNTS`` summed over them.
     """
-    ops = make_ops(cfg, layout)
+    gpu = is_gpu(mesh)
+    ops = make_ops(cfg, layout, gpu)
     steps = cfg.train.grad_accum_steps
     sizes = dict(layout.mesh_axes)
     # Sums over the batch whose backward hands each device the gradient of the sum.
@@ -155,7 +156,7 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
     # blocks, which jax 0.10's check rejects; and the BF16 gradient all_gather, whose result
     # is the same on every replica but typed varying (jax 0.10 has no invariant all_gather).
     # The tests compare both paths' gradients with the single-device reference.
-    interpreted = cfg.kernel.resolved == "pallas" and interpret_default()
+    interpreted = cfg.kernel.resolved == "pallas" and not gpu
     check = not interpreted and cfg.compression.gradients == "fp32"
     sharded = jax.shard_map(
         per_device, mesh=mesh,
