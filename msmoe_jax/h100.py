@@ -64,6 +64,13 @@ def devices(n: int, gpus_per_host: int = GPUS_PER_HOST) -> list:
     return list(topo.devices)
 
 
+def memory_capacity() -> int:
+    """Bytes of one target GPU's memory (the target description's device_memory_size)."""
+    import re
+
+    return int(re.search(r"device_memory_size:\s*(\d+)", TARGET.read_text()).group(1))
+
+
 def available() -> bool:
     """True when H100 programs can be compiled here."""
     try:

@@ -9,10 +9,16 @@ import pytest
 from conftest import ROOT, tiny_config, write_config
 from msmoe_jax.comms import reference_layouts, step_collectives
 from msmoe_jax.parallel.comm_bytes import by_scope, collectives
+from msmoe_jax.steptime.hlo import Routing, flatten, parse, replica_groups
+
+
+def entry(*lines, extra=""):
+    """An HLO module whose entry computation holds ``lines`` (plus computations ``extra``)."""
+    return "\n".join([extra, "ENTRY %main (p: f32[8]) -> f32[8] {", *lines, "}"])
 
 
 def test_hlo_parsing_sizes_and_groups():
-    text = "\n".join([
+    text = entry(*[
         '  %a = f32[16,8]{1,0} all-reduce(%x), replica_groups={{0,1,2,3},{4,5,6,7}}, '
         'to_apply=%add, metadata={op_name="jit(step)/transpose(jvp())/psum"}',
         '  %b = (bf16[4,2]{1,0}, bf16[4,2]{1,0}) all-to-all(%y, %z), replica_groups=[1,8]<=[8], '
@@ -28,6 +34,76 @@ def test_hlo_parsing_sizes_and_groups():
     assert (c.group, c.bytes) == (2, 32 * 4 / 2)
     assert d.bytes == 8 * 4 * 7  # sends 7/8 of an operand 8x its result
     assert (e.op, e.shapes, e.bytes) == ("all-gather", ((64,),), 64 * 4 * 7 / 8)
+
+
+def test_both_replica_group_forms():
+    """jax 0.10 prints explicit or iota groups; jax 0.11 names the mesh axes a group spans."""
+    forms = {
+        "explicit": "replica_groups={{0,1,2,3},{4,5,6,7}}",
+        "iota": "replica_groups=[2,4]<=[8]",
+        "mesh": "replica_groups=mesh['a'=2,'b'=4] {'b'}",
+    }
+    for form, groups in forms.items():
+        instr = parse(entry(f"  %x = bf16[64,8]{{1,0}} all-to-all(%p), {groups}"))[0][0]
+        assert replica_groups(instr, 8) == [[0, 1, 2, 3], [4, 5, 6, 7]], form
+    # Groups over the first axis, and over both (order of the listed axes kept row-major).
+    over_a = parse(entry("  %x = f32[8] all-reduce(%p), replica_groups=mesh['a'=2,'b'=4] {'a'}"))
+    assert replica_groups(over_a[0][0], 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    both = parse(entry("  %x = f32[8] all-reduce(%p), replica_groups=mesh['a'=2,'b'=4] {'a','b'}"))
+    assert replica_groups(both[0][0], 8) == [list(range(8))]
+    # The Ulysses all_to_all over 4 of 8 devices is costed over 4, not 8.
+    (c,) = collectives(entry(f"  %x = bf16[64,8]{{1,0}} all-to-all(%p), {forms['mesh']}"), 8)
+    assert c.group == 4 and c.bytes == 64 * 8 * 2 * 3 / 4
+
+
+LOOP = """
+%body (t: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %t = (s32[], f32[16]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %v = f32[16]{0} get-tuple-element(%t), index=1
+  %w = f32[16]{0} all-reduce(%v), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  ROOT %r = (s32[], f32[16]{0}) tuple(%i, %w)
+}
+
+%cond (t: (s32[], f32[16])) -> pred[] {
+  %t.1 = (s32[], f32[16]{0}) parameter(0)
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%t.1, %c), direction=LT
+}
+"""
+
+
+def test_loops_count_every_iteration():
+    """A collective inside a while body is executed once per iteration: XLA's known trip
+    count, or the bound of the loop condition."""
+    known = entry('  %l = (s32[], f32[16]{0}) while(%p), condition=%cond, body=%body, '
+                  'backend_config={"known_trip_count":{"n":"3"}}', extra=LOOP)
+    assert len(collectives(known, 8)) == 3
+    from_condition = entry("  %l = (s32[], f32[16]{0}) while(%p), condition=%cond, body=%body",
+                           extra=LOOP)
+    found = collectives(from_condition, 8)
+    assert len(found) == 5 and found[0].bytes == 16 * 4 * 2 * 7 / 8
+    # The step-time model runs the iterations one after the other.
+    steps = flatten(*parse(known))
+    reduces = [s for s in steps if s.instr.op == "all-reduce"]
+    assert [s.name for s in reduces] == ["l#0/w", "l#1/w", "l#2/w"]
+    assert reduces[1].deps == ("l#1/v",)
+    assert [s.deps for s in steps if s.name == "l#1/t"] == [("l#0/r",)]
+
+
+def test_ragged_all_to_all_costed_by_the_rows_it_carries():
+    """The landing buffer is sized for the worst case (here 4x the routed rows); the bytes are
+    the routed rows', times the routing's skew, never more than the buffer."""
+    text = entry("  %send = bf16[100,8]{1,0} parameter(0)",
+                 "  %out = bf16[400,8]{1,0} parameter(1)",
+                 "  %x = bf16[400,8]{1,0} ragged-all-to-all(%send, %out, %a, %b, %c, %d), "
+                 "replica_groups={{0,1,2,3,4,5,6,7}}")
+    (balanced,) = collectives(text, 8)
+    assert balanced.bytes == 100 * 8 * 2 * 7 / 8
+    (skewed,) = collectives(text, 8, Routing(skew=2.0))
+    assert skewed.bytes == 2 * balanced.bytes
+    (worst,) = collectives(text, 8, Routing(skew=10.0))
+    assert worst.bytes == 400 * 8 * 2 * 7 / 8
 
 
 def test_sp_ep_moves_fewer_bytes_than_tp_tp():
@@ -59,4 +135,4 @@ def test_comms_cli(tmp_path):
     assert "ulysses" in r.stdout and "moe_dispatch" in r.stdout and "total" in r.stdout
     r = subprocess.run([sys.executable, "-m", "msmoe_jax.comms", "--config", str(config),
                         "--set", "parallel.expert=3"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.startswith("error: parallel.expert_data")
+    assert r.returncode == 2 and "\nerror: parallel.expert_data" in "\n" + r.stderr

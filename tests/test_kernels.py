@@ -1,15 +1,18 @@
 """The Pallas grouped GEMM (interpret mode on CPU) against ``jax.lax.ragged_dot`` and the
 padded reference: outputs and the gradients of lhs, rhs and the row scales; fused permutation
-against unfused; the whole model with kernel.grouped_gemm=pallas against the reference; and the
-GPU (Triton) lowering of every kernel, which needs no GPU."""
+against unfused; the whole model with kernel.grouped_gemm=pallas against the reference; the GPU
+(Triton) lowering of every kernel, which needs no GPU; and, with the CUDA PJRT plugin
+(``msmoe_jax.h100``), their compilation for H100 through XLA:GPU's Triton pipeline, which
+checks what lowering does not (Triton's own verifier, PTX generation)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
-from test_parallel import MODEL, RAGGED, check_against_reference, lower_grad_step
+from test_parallel import MODEL, RAGGED, check_against_reference
 
+from msmoe_jax import h100
 from msmoe_jax.config import ConfigError
 from msmoe_jax.kernels.experts import fused_experts, pallas_dot
 from msmoe_jax.kernels.grouped_gemm import Tiles, gmm, grouped_matmul, tgmm, work_items
@@ -139,42 +142,113 @@ def test_model_with_pallas_kernel_matches_reference(parallel, fuse):
     assert "grouped_gemm" in compiled.as_text()  # the kernel really ran (interpreted)
 
 
-def test_triton_lowering_of_fused_experts_forward_and_backward():
-    """The GPU path lowers to Triton kernels without a GPU: all five kernels of the fused
-    experts' forward and backward (jax.export for CUDA), in bf16."""
+TRITON = "__gpu$xla.gpu.triton"  # XLA:GPU's custom call of a Triton kernel
+# The GPU that Pallas' Triton lowering targets without one: jax 0.11 reads it from the abstract
+# mesh's device (or the default device, a CPU here), jax 0.10 does not need it.
+H100_ABSTRACT = jax.sharding.AbstractMesh(
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+
+
+def _fused_experts_loss(tiles):
+    fn = fused_experts(tiles, interpret=False)
+    return lambda x, w, g, idx: jnp.sum(jnp.sin(fn(x, idx, g, w, None)[0].astype(jnp.float32)))
+
+
+def _bf16_moe_inputs():
     x, idx, gates, w = _moe_inputs(t=64, d=64, f=128, e=4)
-    x, w = x.astype(jnp.bfloat16), jax.tree.map(lambda a: a.astype(jnp.bfloat16), w)
-    fn = fused_experts(Tiles(bm=64, bn=64, bk=32), interpret=False)
-    grad = jax.grad(lambda x, w, g: jnp.sum(fn(x, idx, g, w, None)[0].astype(jnp.float32)),
-                    argnums=(0, 1, 2))
-    triton = "__gpu$xla.gpu.triton"
-    exported = jax.export.export(
-        jax.jit(grad), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(x, w, gates)
+    return x.astype(jnp.bfloat16), jax.tree.map(lambda a: a.astype(jnp.bfloat16), w), gates, idx
+
+
+def test_triton_lowering_of_fused_experts_forward_and_backward():
+    """The GPU path lowers to Triton kernels without a GPU or the CUDA plugin: all five kernels
+    of the fused experts' forward and backward (jax.export for CUDA), in bf16."""
+    x, w, gates, idx = _bf16_moe_inputs()
+    grad = jax.grad(_fused_experts_loss(Tiles(bm=64, bn=64, bk=32)), argnums=(0, 1, 2))
+    with jax.sharding.use_abstract_mesh(H100_ABSTRACT):
+        exported = jax.export.export(
+            jax.jit(grad), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(
+                x, w, gates, idx)
     text = exported.mlir_module()
     # forward: gate, up, down; backward: 3 data-gradient GEMMs and 3 weight-gradient GEMMs.
-    assert text.count(f"@{triton}") >= 8, text.count(f"@{triton}")
+    assert text.count(f"@{TRITON}") >= 8, text.count(f"@{TRITON}")
+
+
+@pytest.fixture(scope="module")
+def h100_mesh():
+    """A one-device mesh of a compile-only H100 (needs the CUDA PJRT plugin)."""
+    if not h100.available():
+        pytest.skip(h100.INSTALL_HINT)
+    return jax.make_mesh((1,), ("x",), devices=h100.devices(1))
+
+
+def _compile_for_h100(fn, mesh, *args) -> str:
+    """The optimised HLO of ``jit(fn)`` compiled for the mesh's H100 from ``args``' shapes.
+    Under ``jax.set_mesh``: jax 0.11's Pallas Triton lowering takes the GPU to target from the
+    mesh (not from the arguments' shardings), jax 0.10 takes it from the arguments."""
+    on_gpu = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_gpu), args)
+    with jax.set_mesh(mesh):
+        return jax.jit(fn).lower(*specs).compile().as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("gather", [False, True], ids=["plain", "gather-scatter-scale"])
+def test_grouped_matmul_compiles_for_h100(h100_mesh, gather, dtype):
+    """The forward kernel, the data-gradient kernel (transposed weights) and the weight-gradient
+    kernel compile for H100 through Triton (the loop bounds once failed Triton's verifier,
+    which lowering alone does not run), with and without row gather, scatter and scales."""
+    tiles = Tiles(bm=16, bn=32, bk=16)
+    g, rows = 4, 64
+    lhs, rhs = random(0, (48 if gather else rows, K), dtype), random(1, (g, K, N), dtype)
+    sizes = jnp.asarray([20, 0, 30, 7], jnp.int32)
+    if gather:
+        src = jax.random.randint(jax.random.key(3), (rows,), 0, 48)
+        dst = jax.random.permutation(jax.random.key(4), rows).astype(jnp.int32)
+        scale = jax.random.uniform(jax.random.key(5), (rows,), minval=0.1)
+
+        def loss(lhs, rhs, scale, sizes, src, dst):
+            y = grouped_matmul(lhs, rhs, sizes, src, dst, scale, None, jnp.float32, tiles, False)
+            return jnp.sum(jnp.sin(y))
+
+        args = (lhs, rhs, scale, sizes, src, dst)
+        argnums = (0, 1, 2)
+    else:
+        def loss(lhs, rhs, sizes):
+            y = grouped_matmul(lhs, rhs, sizes, tiles=tiles, interpret=False)
+            return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+        args = (lhs, rhs, sizes)
+        argnums = (0, 1)
+    text = _compile_for_h100(jax.value_and_grad(loss, argnums=argnums), h100_mesh, *args)
+    assert text.count(f'custom_call_target="{TRITON}"') == 3  # forward, data grad, weight grad
+
+
+def test_fused_experts_compile_for_h100(h100_mesh):
+    """The fused experts' forward (gate, up, down) and backward (3 data- and 3 weight-gradient
+    GEMMs) compile for H100 in bf16, the permutation and gate-weighted scatter included."""
+    x, w, gates, idx = _bf16_moe_inputs()
+    step = jax.value_and_grad(_fused_experts_loss(Tiles(bm=64, bn=64, bk=32)), argnums=(0, 1, 2))
+    text = _compile_for_h100(step, h100_mesh, x, w, gates, idx)
+    assert text.count(f'custom_call_target="{TRITON}"') == 9
 
 
 @pytest.mark.parametrize("parallel,fuse", [
     ({"data": 8}, True),
     ({"expert_data": 2, "expert": 4, **RAGGED}, False),
 ], ids=["data8-fused", "ep4xed2-ragged"])
-def test_model_gpu_path_lowers_for_cuda(monkeypatch, parallel, fuse):
-    """The compiled-kernel path (no interpreter) of a whole bf16 train step traces under
-    shard_map's varying-axes check and lowers for CUDA: 3 forward + 6 backward Triton kernels
-    per MoE layer. This checks the kernels' typing inside shard_map, which the interpreted
-    runs (check_vma off) do not."""
-    from msmoe_jax.kernels import grouped_gemm
-    from msmoe_jax.parallel import strategy
-
-    monkeypatch.setattr(grouped_gemm, "interpret_default", lambda: False)
-    monkeypatch.setattr(strategy, "interpret_default", lambda: False)
+def test_model_gpu_path_lowers_for_cuda(h100_mesh, parallel, fuse):
+    """The compiled-kernel path (no interpreter) of a whole bf16 train step on 8 compile-only
+    H100s (``strategy`` picks the GPU paths from the mesh's devices) traces under shard_map's
+    varying-axes check, lowers and compiles: 3 forward + 6 backward Triton kernels per MoE
+    layer. This checks the kernels' typing inside shard_map, which the interpreted runs
+    (check_vma off) do not, and XLA:GPU's compilation of them with the collectives."""
     cfg = tiny_config(parallel=parallel, kernel={**KERNEL, "fuse_permute": fuse},
                       model={**MODEL, "dtype": "bfloat16", "expert_compute": "ragged_dot"})
-    text = lower_grad_step(cfg, platforms=("cuda",)).as_text()
+    text = h100.compile_step(cfg, 8).text
     moe_layers = MODEL["num_layers"] - MODEL["num_dense_layers"]
-    assert text.count("__gpu$xla.gpu.triton") == 9 * moe_layers
+    assert text.count(f'custom_call_target="{TRITON}"') == 9 * moe_layers
 
 
 def test_config_refuses_pallas_where_it_cannot_run():

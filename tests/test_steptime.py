@@ -37,7 +37,8 @@ def test_chunked_pipeline_hides_all_but_the_first_transfer():
 
 
 def test_link_model():
-    hw = HARDWARE["h100"].scaled(link_efficiency=1.0, nvlink_alpha=0.0, net_alpha=0.0)
+    hw = HARDWARE["h100"].scaled(link_efficiency=1.0, a2a_efficiency=1.0, net_efficiency=1.0,
+                                 net_a2a_efficiency=1.0, nvlink_alpha=0.0, net_alpha=0.0)
     mib = 2**20
     # all-gather of 8 MiB results inside a node: 7/8 of 8 MiB over 450 GB/s.
     assert collective_seconds("all-gather", 8 * mib, list(range(8)), hw) == pytest.approx(

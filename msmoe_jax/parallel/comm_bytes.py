@@ -9,15 +9,9 @@ collective-permute its whole operand. n is the size of the op's replica group.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 
-from msmoe_jax.steptime.hlo import DTYPE_BYTES, arrays_in
-
-OPS = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
-       "collective-permute")
-_INSTR = re.compile(r"=\s*(?P<result>.+?)\s+(?P<op>" + "|".join(OPS) + r")(?P<start>-start)?\((?P<args>.*)")
-
+from msmoe_jax.steptime.hlo import Routing, all_arrays, collective_payload, flatten, parse, \
+    replica_groups
 
 # Named scopes (``jax.named_scope``) that the parallel code puts around its collectives; the
 # op_name metadata of the compiled ops (forward and backward) carries them.
@@ -33,39 +27,36 @@ class Collective:
     bytes: float  # moved per device per call
 
 
-def _group_size(attrs: str, default: int) -> int:
-    m = re.search(r"replica_groups=\{\{([0-9,]*)\}", attrs)
-    if m:
-        return len(m.group(1).split(","))
-    m = re.search(r"replica_groups=\[([0-9,]+)\]<=", attrs)  # iota form: [groups, size]
-    if m:
-        return int(m.group(1).split(",")[-1])
-    return default
+def moved(op: str, payload: float, n: int) -> float:
+    """Bytes one device sends for a collective with ``payload`` result bytes over n devices."""
+    factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0,
+              "reduce-scatter": n - 1.0}.get(op, (n - 1) / n)
+    return payload * factor
 
 
-def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
-    """Every collective in ``hlo_text`` (async pairs counted once, at their start).
+def collectives(hlo_text: str, num_devices: int, routing: Routing = Routing()) -> list[Collective]:
+    """Every collective ``hlo_text`` executes, once per execution: async pairs counted at their
+    start, loop bodies once per iteration (``hlo.flatten``). A ragged all_to_all is costed by
+    the rows it carries under ``routing`` (``hlo.collective_payload``).
 
     Sizes come from the result shapes (compiled HLO does not print operand shapes).
     """
+    entry, comps = parse(hlo_text)
+    arrays_of = all_arrays(comps)
     found = []
-    for line in hlo_text.splitlines():
-        m = _INSTR.search(line)
-        if not m:
+    for step in flatten(entry, comps):
+        instr = step.instr
+        op = instr.collective
+        if op is None:
             continue
-        op, arrays = m.group("op"), arrays_in(m.group("result"))
-        if m.group("start"):
-            # Async start ops return (operands..., results..., [context scalars]).
-            arrays = [a for a in arrays if a[1]]
-            arrays = arrays[len(arrays) // 2:]
-        n = _group_size(m.group("args"), num_devices)
-        factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0,
-                  "reduce-scatter": n - 1.0}.get(op, (n - 1) / n)
-        size = sum(DTYPE_BYTES[dtype] * math.prod(shape) for dtype, shape in arrays)
-        name = re.search(r'op_name="([^"]*)"', line)
-        scope = next((sc for sc in SCOPES if name and sc in name.group(1)), "other")
-        found.append(Collective(op, scope, tuple(shape for _, shape in arrays), n,
-                                size * factor))
+        groups = replica_groups(instr, num_devices)
+        n = len(groups[0]) if op != "collective-permute" else 2
+        payload = collective_payload(instr, arrays_of, routing)
+        scope = next((sc for sc in SCOPES if sc in instr.op_name), "other")
+        shapes = tuple(shape for _, shape in instr.arrays if shape)
+        if instr.op.endswith("-start"):
+            shapes = shapes[len(shapes) // 2:]
+        found.append(Collective(op, scope, shapes, n, moved(op, payload, n)))
     return found
 
 

@@ -3,6 +3,10 @@ their operands, result shapes, FLOPs, bytes touched and (for collectives) the de
 
 Read from ``compiled.as_text()`` (post-optimisation HLO, scheduled): a fusion's FLOPs are the
 dots inside it; its bytes are what it reads and writes in memory (operands + results).
+``flatten`` runs the program as executed: ``while`` loops (gradient accumulation, scans)
+unrolled by their trip counts and calls inlined, so FLOPs and bytes count every iteration.
+Collective groups are read in the explicit (``{{0,1},{2,3}}``), iota (``[2,2]<=[4]``) and
+mesh (``mesh['a'=2,'b'=4] {'b'}``, jax 0.11) forms.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,7 +27,7 @@ COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter"
 FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
         "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"}
 
-_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
+_LINE = re.compile(r"^\s*(?P<root>ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
                    r"(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$")
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
@@ -36,6 +42,8 @@ class Instr:
     attrs: str
     op_name: str  # metadata op_name (JAX's name stack), "" if none
     calls: list[str]
+    root: bool = False  # the computation's ROOT
+    args: str = ""  # the text between the parentheses (a constant's literal)
 
     @property
     def result_bytes(self) -> int:
@@ -82,10 +90,12 @@ def parse(text: str) -> tuple[list[Instr], dict[str, list[Instr]]]:
             m.group("name"), m.group("op"), arrays_in(m.group("shape")),
             re.findall(r"%([\w.\-]+)", args), attrs, name.group(1) if name else "",
             _CALLS.findall(attrs) + re.findall(r"%([\w.\-]+)", " ".join(
-                re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", attrs)))))
+                re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", attrs))),
+            bool(m.group("root")), args))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
-    for instr in comps[entry]:  # fusions often carry no name: take their dot's (or root's)
+    # Fusions often carry no name: take their dot's (or root's).
+    for instr in (i for body in comps.values() for i in body):
         if not instr.op_name and instr.calls:
             body = comps.get(instr.calls[0], [])
             named = [i for i in body if i.op == "dot" and i.op_name] or [
@@ -130,6 +140,15 @@ def replica_groups(instr: Instr, num_devices: int) -> list[list[int]]:
     if m:
         return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}",
                                                                         m.group(1))]
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", a)
+    if m:  # jax 0.11: the mesh's axes, then those the group spans
+        axes = re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))
+        names, sizes = [n for n, _ in axes], [int(v) for _, v in axes]
+        spans = [names.index(x) for x in re.findall(r"'([^']+)'", m.group(2))]
+        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        rest = [i for i in range(len(sizes)) if i not in spans]
+        width = math.prod(sizes[i] for i in spans)
+        return ids.transpose(rest + spans).reshape(-1, width).tolist()
     m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", a)
     if m:
         shape = [int(x) for x in m.group(1).split(",")]
@@ -141,14 +160,115 @@ def replica_groups(instr: Instr, num_devices: int) -> list[list[int]]:
     return [list(range(num_devices))]
 
 
-def collective_payload(instr: Instr) -> int:
-    """Bytes of the collective's data per device: the result (an async start's results are
-    the second half of its tuple)."""
+def collective_arrays(instr: Instr) -> list[tuple[str, tuple[int, ...]]]:
+    """The collective's results (an async start's are the second half of its tuple)."""
     arrays = instr.arrays
     if instr.op.endswith("-start"):
         arrays = [x for x in arrays if x[1]]
         arrays = arrays[len(arrays) // 2:]
-    return sum(DTYPE_BYTES[d] * math.prod(s) for d, s in arrays)
+    return arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """How routed rows spread, for costing ``ragged-all-to-all`` by the rows it carries
+    rather than its (worst-case) buffer: ``skew`` = the busiest device's rows / the balanced
+    share (1.0: balanced routing)."""
+
+    skew: float = 1.0
+
+
+def collective_payload(instr: Instr, arrays_of: dict | None = None,
+                       routing: Routing = Routing()) -> int:
+    """Bytes of the collective's data per device: its result, except a ragged all_to_all,
+    whose result is its whole landing buffer: that carries the rows of the smaller of its
+    send and landing buffers (every routed row once, when balanced; the other is sized for
+    the worst case), times ``routing.skew``, never more than the larger."""
+    arrays = collective_arrays(instr)
+    full = sum(DTYPE_BYTES[d] * math.prod(s) for d, s in arrays)
+    if instr.collective != "ragged-all-to-all" or not arrays_of or not instr.operands:
+        return full
+    sent = arrays_of.get(instr.operands[0])
+    if not sent or not arrays or not arrays[0][1] or not sent[0][1]:
+        return full
+    out_rows, in_rows = arrays[0][1][0], sent[0][1][0]
+    rows = min(min(out_rows, in_rows) * routing.skew, max(out_rows, in_rows))
+    return round(full * rows / out_rows)
+
+
+def trip_count(instr: Instr, comps: dict[str, list[Instr]]) -> int:
+    """Iterations of a ``while``: XLA's known_trip_count, else the bound its condition compares
+    the counter against (``i < N`` from 0), else 1."""
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", instr.attrs)
+    for i in comps.get(cond.group(1), []) if cond else []:
+        if i.op == "constant" and i.args.strip().isdigit():
+            return int(i.args)
+    return 1
+
+
+class Step(NamedTuple):
+    """One executed instruction: ``name`` unique across iterations, ``deps`` the executed
+    names it waits on."""
+
+    name: str
+    instr: Instr
+    deps: tuple[str, ...]
+
+
+def flatten(instrs: list[Instr], comps: dict[str, list[Instr]], prefix: str = "",
+            params: tuple[str, ...] = ()) -> list[Step]:
+    """The computation as executed, in order: each ``while`` body repeated by its trip count
+    (an iteration waits on the previous one's result), ``call``s inlined; ``params``: what
+    the computation's parameters wait on."""
+    names: dict[str, str] = {}
+    out: list[Step] = []
+    for instr in instrs:
+        deps = tuple(names[o] for o in instr.operands if o in names)
+        name = prefix + instr.name
+        if instr.op == "parameter":
+            deps = params
+        body = _loop_body(instr)
+        if body is not None and body in comps:
+            for it in range(trip_count(instr, comps) if instr.op == "while" else 1):
+                inner = flatten(comps[body], comps, f"{name}#{it}/", deps)
+                out.extend(inner)
+                roots = [s.name for s, i in zip(inner, comps[body]) if i.root]
+                deps = tuple(roots or ([inner[-1].name] if inner else deps))
+        names[instr.name] = name
+        out.append(Step(name, instr, deps))
+    return out
+
+
+def _loop_body(instr: Instr) -> str | None:
+    if instr.op == "while":
+        m = re.search(r"body=%?([\w.\-]+)", instr.attrs)
+        return m.group(1) if m else None
+    if instr.op == "call":
+        m = re.search(r"to_apply=%?([\w.\-]+)", instr.attrs)
+        return m.group(1) if m else None
+    return None
+
+
+def all_arrays(comps: dict[str, list[Instr]]) -> dict[str, list]:
+    """name -> result arrays of every instruction of the module (names are module-unique)."""
+    return {i.name: i.arrays for body in comps.values() for i in body}
+
+
+# Where an instruction belongs, from JAX's name stack (``jax.named_scope`` in the model and
+# the parallel code): the first scope in this list that its op_name contains.
+FLOP_SCOPES = ("experts", "moe_dispatch", "router", "shared_expert", "attention", "ulysses",
+               "ffn", "lm_head")
+SCOPE_NAMES = {"moe_dispatch": "experts", "ulysses": "attention", "tensor_attention":
+               "attention", "shared_expert": "ffn"}
+
+
+def flop_scope(op_name: str) -> str:
+    """attention, router, experts, ffn (dense and shared experts), lm_head or other."""
+    found = next((s for s in FLOP_SCOPES if s in op_name), "other")
+    return SCOPE_NAMES.get(found, found)
 
 
 def dependents(instrs: list[Instr]) -> dict[str, set[str]]:

@@ -18,11 +18,16 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-from msmoe_jax.steptime.hlo import FREE, Instr, collective_payload, flops, parse, replica_groups
+from msmoe_jax.steptime.hlo import (DTYPE_BYTES, FREE, Instr, Routing, all_arrays,
+                                    collective_payload, flatten, flop_scope, flops, parse,
+                                    replica_groups)
 
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
+    """A GPU and its links. Rates are nominal; the efficiencies turn them into what published
+    measurements achieved (docs/performance.md, *Calibration*, gives each source)."""
+
     name: str
     peak_flops: float  # dense bf16 FLOP/s per device
     mem_bw: float  # HBM bytes/s
@@ -31,9 +36,14 @@ class Hardware:
     nvlink_alpha: float = 3e-6  # seconds per message step
     net_alpha: float = 10e-6
     gpus_per_node: int = 8
-    matmul_efficiency: float = 0.7  # achieved / peak on large GEMMs (calibrate from a run)
+    matmul_efficiency: float = 0.80  # achieved / peak on large dense GEMMs
+    grouped_efficiency: float = 0.63  # the same for the experts' grouped GEMMs
     mem_efficiency: float = 0.8
-    link_efficiency: float = 0.8  # achieved / nominal bandwidth of collectives
+    link_efficiency: float = 0.82  # ring collectives (all-gather, reduce-scatter, all-reduce)
+    a2a_efficiency: float = 0.73  # all-to-all inside a node, of the NVLink rate
+    net_efficiency: float = 0.94  # across nodes, of the NIC's rate
+    net_a2a_efficiency: float = 0.86  # all-to-all across nodes, of the NIC's rate
+    overlap_slowdown: float = 0.19  # compute that runs beside a collective takes this longer
     launch: float = 2e-6  # per compute kernel
 
     def scaled(self, **fields) -> "Hardware":
@@ -59,6 +69,7 @@ class Op(NamedTuple):
     stream: str  # "compute", "comm", or "none" (bookkeeping: ready when its operands are)
     seconds: float
     deps: tuple[str, ...]
+    scope: str = "other"  # hlo.flop_scope for compute, comm_bytes.SCOPES for collectives
 
 
 class Timeline(NamedTuple):
@@ -68,26 +79,45 @@ class Timeline(NamedTuple):
     exposed_comm: float  # step - compute: time the compute stream waits on communication
     starts: dict[str, float]
     ends: dict[str, float]
+    exposed_by_scope: dict[str, float] = {}  # compute-stream waits, by the collective waited on
 
 
-def schedule(ops: list[Op], overlap: bool = True) -> Timeline:
+def schedule(ops: list[Op], overlap: bool = True, slowdown: float = 0.0) -> Timeline:
     """Runs ``ops`` (in program order, deps earlier in the list) on a compute and a
-    communication stream, each in order; one shared stream when ``overlap`` is False."""
+    communication stream, each in order; one shared stream when ``overlap`` is False.
+    ``slowdown``: a compute op that starts while a collective is in flight takes
+    (1 + slowdown) times as long (the SMs and HBM bandwidth the collective uses)."""
     free = {"compute": 0.0, "comm": 0.0}
     starts, ends = {}, {}
     busy = {"compute": 0.0, "comm": 0.0}
+    scope_of, exposed = {}, {}
     for op in ops:
         ready = max([ends[d] for d in op.deps if d in ends], default=0.0)
         if op.stream == "none":
             starts[op.name] = ends[op.name] = ready
+            # A bookkeeping op passes on what it waited for (an async done -> its start).
+            waited = [d for d in op.deps if d in scope_of and ends[d] == ready]
+            if waited:
+                scope_of[op.name] = scope_of[waited[0]]
             continue
         stream = op.stream if overlap else "compute"
         start = max(free[stream], ready)
-        starts[op.name], ends[op.name] = start, start + op.seconds
+        seconds = op.seconds
+        if stream == "compute" and op.stream == "compute" and free["comm"] > start:
+            seconds *= 1 + slowdown
+        if stream == "compute" and ready > free["compute"]:  # the compute stream waits
+            blockers = [d for d in op.deps if d in scope_of and ends[d] == ready]
+            if blockers:
+                key = scope_of[blockers[0]]
+                exposed[key] = exposed.get(key, 0.0) + ready - free["compute"]
+        starts[op.name], ends[op.name] = start, start + seconds
         free[stream] = ends[op.name]
-        busy[op.stream] += op.seconds
+        busy[op.stream] += seconds
+        if op.stream == "comm":
+            scope_of[op.name] = op.scope
     step = max(ends.values(), default=0.0)
-    return Timeline(step, busy["compute"], busy["comm"], step - busy["compute"], starts, ends)
+    return Timeline(step, busy["compute"], busy["comm"], step - busy["compute"], starts, ends,
+                    exposed)
 
 
 def collective_seconds(kind: str, payload: float, group: list[int], hw: Hardware,
@@ -105,7 +135,7 @@ def collective_seconds(kind: str, payload: float, group: list[int], hw: Hardware
     nodes = {d // hw.gpus_per_node for d in group}
     inside = sum(1 for d in group if d // hw.gpus_per_node == group[0] // hw.gpus_per_node)
     nv = hw.nvlink_bw * hw.link_efficiency
-    net = hw.net_bw * hw.link_efficiency
+    net = hw.net_bw * hw.net_efficiency
     one_node = len(nodes) == 1
     alpha = hw.nvlink_alpha if one_node else hw.net_alpha
     if kind == "collective-permute":
@@ -113,48 +143,66 @@ def collective_seconds(kind: str, payload: float, group: list[int], hw: Hardware
     if kind in ("all-to-all", "ragged-all-to-all"):
         intra = payload * (inside - 1) / n
         inter = payload * (n - inside) / n
-        return alpha + max(intra / nv, inter / net if inter else 0.0)
+        return alpha + max(intra / (hw.nvlink_bw * hw.a2a_efficiency),
+                           inter / (hw.net_bw * hw.net_a2a_efficiency) if inter else 0.0)
     full = payload * (n if kind == "reduce-scatter" else 1)
     moved = full * (n - 1) / n * (2 if kind == "all-reduce" else 1)
     steps = (n - 1) * (2 if kind == "all-reduce" else 1)
     return steps * alpha + moved / (nv if one_node else net)
 
 
+class Program(NamedTuple):
+    """A compiled step as executed: its ops, and the matmul FLOPs per device by scope."""
+
+    ops: list[Op]
+    flops: dict[str, float]  # hlo.flop_scope -> executed matmul FLOPs per device
+
+    @property
+    def total_flops(self) -> float:
+        return sum(self.flops.values())
+
+
 def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
-                activation_bytes_scale: float = 1.0) -> tuple[list[Op], float]:
-    """The compiled program as Ops (one per entry instruction) and its total matmul FLOPs.
+                activation_bytes_scale: float = 1.0, routing: Routing = Routing()) -> Program:
+    """The compiled program as Ops, one per executed instruction (loops unrolled by their
+    trip counts, ``hlo.flatten``), and its matmul FLOPs per scope.
 
     ``activation_bytes_scale`` multiplies the bytes of collectives outside the gradient
-    reductions (0.5 turns f32 activations back into bf16 where XLA:CPU widened them).
+    reductions (0.5 turns f32 activations back into bf16 where XLA:CPU widened them);
+    ``routing`` sizes ragged all_to_alls by the rows they carry.
     """
+    from msmoe_jax.parallel.comm_bytes import SCOPES
+
     entry, comps = parse(hlo_text)
-    shapes = {i.name: i.arrays[0][1] for i in entry if i.arrays}
-    sizes = {i.name: i.result_bytes for i in entry}
-    ops, total_flops = [], 0.0
-    for instr in entry:
-        deps = tuple(instr.operands)
+    arrays_of = all_arrays(comps)
+    shapes = {k: v[0][1] for k, v in arrays_of.items() if v}
+    ops, by_scope = [], {}
+    for step in flatten(entry, comps):
+        instr, deps = step.instr, step.deps
         kind = instr.collective
-        if instr.op.endswith("-done"):  # async pair: the start carries the time
-            ops.append(Op(instr.name, "none", 0.0, deps))
+        if instr.op.endswith("-done") or instr.op in FREE or instr.op in ("while", "call"):
+            ops.append(Op(step.name, "none", 0.0, deps))  # an async pair's start carries the time
             continue
         if kind:
-            payload = collective_payload(instr)
+            payload = collective_payload(instr, arrays_of, routing)
             if _is_activation(instr):
                 payload *= activation_bytes_scale
             groups = replica_groups(instr, num_devices)
             group = groups[0] if kind != "collective-permute" else _permute_group(groups, hw)
-            ops.append(Op(instr.name, "comm", collective_seconds(kind, payload, group, hw), deps))
-            continue
-        if instr.op in FREE:
-            ops.append(Op(instr.name, "none", 0.0, deps))
+            scope = next((sc for sc in SCOPES if sc in instr.op_name), "other")
+            ops.append(Op(step.name, "comm", collective_seconds(kind, payload, group, hw), deps,
+                          scope))
             continue
         f = flops(instr, comps, shapes)
-        total_flops += f
-        moved = instr.result_bytes + sum(sizes.get(o, 0) for o in instr.operands)
-        seconds = max(f / (hw.peak_flops * hw.matmul_efficiency),
-                      moved / (hw.mem_bw * hw.mem_efficiency)) + hw.launch
-        ops.append(Op(instr.name, "compute", seconds, deps))
-    return ops, total_flops
+        scope = flop_scope(instr.op_name)
+        by_scope[scope] = by_scope.get(scope, 0.0) + f
+        moved = instr.result_bytes + sum(
+            sum(DTYPE_BYTES[d] * math.prod(x) for d, x in arrays_of.get(o, ()))
+            for o in instr.operands)
+        rate = hw.grouped_efficiency if scope == "experts" else hw.matmul_efficiency
+        seconds = max(f / (hw.peak_flops * rate), moved / (hw.mem_bw * hw.mem_efficiency))
+        ops.append(Op(step.name, "compute", seconds + hw.launch, deps, scope))
+    return Program(ops, by_scope)
 
 
 def _is_activation(instr: Instr) -> bool:
@@ -171,10 +219,11 @@ def _permute_group(pairs: list[list[int]], hw: Hardware) -> list[int]:
 
 
 def model_step(hlo_text: str, num_devices: int, hw: Hardware, overlap: bool = True,
-               activation_bytes_scale: float = 1.0) -> tuple[Timeline, float]:
+               activation_bytes_scale: float = 1.0,
+               routing: Routing = Routing()) -> tuple[Timeline, float]:
     """(Timeline, matmul FLOPs per device) of one compiled step on ``hw``."""
-    ops, total = program_ops(hlo_text, num_devices, hw, activation_bytes_scale)
-    return schedule(ops, overlap), total
+    program = program_ops(hlo_text, num_devices, hw, activation_bytes_scale, routing)
+    return schedule(program.ops, overlap, hw.overlap_slowdown), program.total_flops
 
 
 def mfu(model_flops_per_device: float, step_seconds: float, hw: Hardware) -> float:
