@@ -127,6 +127,7 @@ def with_layers(cfg: Config, layers: int) -> Config:
 def compile_step(cfg: Config, n: int | None = None, layers: int | None = None) -> Compiled:
     """Compiles ``cfg``'s training step for ``n`` H100s (default: ``parallel.devices``, else 8)
     with abstract inputs (nothing is allocated), optionally with ``layers`` blocks only."""
+    from msmoe_jax.cli import GPU_OVERLAP_FLAGS
     from msmoe_jax.comms import build_step
 
     n = n or cfg.parallel.devices or 8
@@ -135,7 +136,11 @@ def compile_step(cfg: Config, n: int | None = None, layers: int | None = None) -
     devs = devices(n)
     t0 = time.perf_counter()
     _, _, step, state, tokens = build_step(cfg, devs)
-    compiled = step.lower(state, tokens).compile()
+    # The XLA:GPU flags train.py would set (async collectives, combining, pipelining).
+    typed = lambda v: {"true": True, "false": False}.get(v, int(v) if v.isdigit() else v)
+    options = ({k: typed(v) for k, v in GPU_OVERLAP_FLAGS.items()}
+               if cfg.run.gpu_overlap_flags else {})
+    compiled = step.lower(state, tokens).compile(compiler_options=options)
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     memory = Memory(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,

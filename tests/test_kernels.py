@@ -244,8 +244,11 @@ def test_model_gpu_path_lowers_for_cuda(h100_mesh, parallel, fuse):
     varying-axes check, lowers and compiles: 3 forward + 6 backward Triton kernels per MoE
     layer. This checks the kernels' typing inside shard_map, which the interpreted runs
     (check_vma off) do not, and XLA:GPU's compilation of them with the collectives."""
+    # Without train.py's XLA:GPU overlap flags: the kernels do not depend on them, and jax 0.11
+    # has no xla_gpu_enable_pipelined_{all_gather,reduce_scatter,all_reduce} options.
     cfg = tiny_config(parallel=parallel, kernel={**KERNEL, "fuse_permute": fuse},
-                      model={**MODEL, "dtype": "bfloat16", "expert_compute": "ragged_dot"})
+                      model={**MODEL, "dtype": "bfloat16", "expert_compute": "ragged_dot"},
+                      run={"gpu_overlap_flags": False})
     text = h100.compile_step(cfg, 8).text
     moe_layers = MODEL["num_layers"] - MODEL["num_dense_layers"]
     assert text.count(f'custom_call_target="{TRITON}"') == 9 * moe_layers

@@ -266,15 +266,19 @@ class MoE(nnx.Module):
         """x: [b, s, d] -> ([b, s, d], RouterStats over these b*s tokens). ``ops``: LayerOps."""
         b, s, d = x.shape
         xt = x.reshape(b * s, d)
-        logits = xt.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
-        gates, idx, stats = route_topk(logits, self.top_k, self.renormalize)
+        with jax.named_scope("router"):
+            logits = xt.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+            gates, idx, stats = route_topk(logits, self.top_k, self.renormalize)
         c = lambda p: p[...].astype(self.dtype)
         weights = ExpertWeights(c(self.w_gate), c(self.w_up), c(self.w_down))
-        y, dropped = ops.experts(xt, idx, gates, weights, self.capacity_factor)
+        with jax.named_scope("experts"):
+            y, dropped = ops.experts(xt, idx, gates, weights, self.capacity_factor)
         y = y.reshape(b, s, d)
         if self.shared is not None:
-            shared = self.shared(x, ops)
-            if self.shared_gate is not None:
-                shared = shared * jax.nn.sigmoid(x @ self.shared_gate[...].astype(self.dtype))
+            with jax.named_scope("shared_expert"):
+                shared = self.shared(x, ops)
+                if self.shared_gate is not None:
+                    shared = shared * jax.nn.sigmoid(
+                        x @ self.shared_gate[...].astype(self.dtype))
             y = y + shared
         return y, stats._replace(dropped=dropped)

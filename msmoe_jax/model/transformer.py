@@ -24,12 +24,15 @@ class Block(nnx.Module):
         self.is_moe = moe
 
     def __call__(self, x, positions, ops: LayerOps):
-        x = x + self.attn(self.attn_norm(x), positions, ops)
+        # Named scopes only label the compiled program (steptime/report.py reads them).
+        with jax.named_scope("attention"):
+            x = x + self.attn(self.attn_norm(x), positions, ops)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, stats = self.ffn(h, ops)
             return x + y, stats
-        return x + self.ffn(h, ops), None
+        with jax.named_scope("ffn"):
+            return x + self.ffn(h, ops), None
 
 
 class Transformer(nnx.Module):
@@ -61,7 +64,8 @@ class Transformer(nnx.Module):
                 all_stats.append(stats)
         x = self.final_norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("bsd,dv->bsv", x, head.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head"):
+            logits = jnp.einsum("bsd,dv->bsv", x, head.astype(self.dtype),
+                                preferred_element_type=jnp.float32)
         stats = jax.tree.map(lambda *a: jnp.stack(a), *all_stats) if all_stats else None
         return logits, stats

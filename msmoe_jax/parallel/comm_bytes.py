@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from msmoe_jax.steptime.hlo import Routing, all_arrays, collective_payload, flatten, parse, \
-    replica_groups
+from msmoe_jax.steptime.hlo import (Routing, all_arrays, collective_arrays, collective_payload,
+                                    flatten, parse, replica_groups)
 
 # Named scopes (``jax.named_scope``) that the parallel code puts around its collectives; the
 # op_name metadata of the compiled ops (forward and backward) carries them.
@@ -53,9 +53,7 @@ def collectives(hlo_text: str, num_devices: int, routing: Routing = Routing()) -
         n = len(groups[0]) if op != "collective-permute" else 2
         payload = collective_payload(instr, arrays_of, routing)
         scope = next((sc for sc in SCOPES if sc in instr.op_name), "other")
-        shapes = tuple(shape for _, shape in instr.arrays if shape)
-        if instr.op.endswith("-start"):
-            shapes = shapes[len(shapes) // 2:]
+        shapes = tuple(shape for _, shape in collective_arrays(instr))
         found.append(Collective(op, scope, shapes, n, moved(op, payload, n)))
     return found
 

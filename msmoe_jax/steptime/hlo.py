@@ -44,6 +44,7 @@ class Instr:
     calls: list[str]
     root: bool = False  # the computation's ROOT
     args: str = ""  # the text between the parentheses (a constant's literal)
+    shape: str = ""  # the result's shape text
 
     @property
     def result_bytes(self) -> int:
@@ -91,7 +92,7 @@ def parse(text: str) -> tuple[list[Instr], dict[str, list[Instr]]]:
             re.findall(r"%([\w.\-]+)", args), attrs, name.group(1) if name else "",
             _CALLS.findall(attrs) + re.findall(r"%([\w.\-]+)", " ".join(
                 re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", attrs))),
-            bool(m.group("root")), args))
+            bool(m.group("root")), args, m.group("shape")))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     # Fusions often carry no name: take their dot's (or root's).
@@ -101,6 +102,14 @@ def parse(text: str) -> tuple[list[Instr], dict[str, list[Instr]]]:
             named = [i for i in body if i.op == "dot" and i.op_name] or [
                 i for i in reversed(body) if i.op_name]
             instr.op_name = named[0].op_name if named else ""
+    # Some collectives (ragged all_to_all) carry none either: take their operands'.
+    for body in comps.values():
+        by_name = {i.name: i for i in body}
+        for instr in body:
+            if not instr.op_name:
+                named = [by_name[o].op_name for o in instr.operands
+                         if o in by_name and by_name[o].op_name]
+                instr.op_name = named[0] if named else ""
     return comps[entry], comps
 
 
@@ -161,12 +170,24 @@ def replica_groups(instr: Instr, num_devices: int) -> list[list[int]]:
 
 
 def collective_arrays(instr: Instr) -> list[tuple[str, tuple[int, ...]]]:
-    """The collective's results (an async start's are the second half of its tuple)."""
-    arrays = instr.arrays
-    if instr.op.endswith("-start"):
-        arrays = [x for x in arrays if x[1]]
-        arrays = arrays[len(arrays) // 2:]
-    return arrays
+    """The collective's results. An async start returns (operands, results[, context]) as a
+    tuple: its results are the second element."""
+    if instr.op.endswith("-start") and instr.shape.startswith("("):
+        parts = _top_level(instr.shape.strip()[1:-1])
+        if len(parts) >= 2:
+            return arrays_in(parts[1])
+    return instr.arrays
+
+
+def _top_level(text: str) -> list[str]:
+    """The comma-separated elements of a tuple's inside, nested tuples and dims kept whole."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,75 @@
+"""Executed vs useful work and the modelled step time of a config's training step.
+
+    python -m msmoe_jax.steptime --config configs/mixtral_8x7b_64xh100.yaml
+    python -m msmoe_jax.steptime --config configs/default.yaml --target cpu --skew 2
+
+See ``msmoe_jax/steptime/report.py``. ``--target h100`` (the default when the CUDA plugin of
+``.[h100-compile]`` is installed) compiles for H100s; ``cpu`` for simulated CPU devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from msmoe_jax.h100 import platforms_for_compiling
+
+
+def main(argv=None) -> int:
+    platforms_for_compiling()
+    from msmoe_jax.cli import simulate_cpu_devices
+    from msmoe_jax.plan import DEFAULT_CONFIG
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--devices", type=int, help="device count (default: parallel.devices or 8)")
+    p.add_argument("--target", choices=("auto", "h100", "cpu"), default="auto",
+                   help="which compiled program to read (auto: h100 when the plugin is there)")
+    p.add_argument("--hardware", choices=("h100", "h800"), default="h100",
+                   help="the modelled cluster (steptime.model.HARDWARE)")
+    p.add_argument("--skew", type=float, default=1.0,
+                   help="busiest device's routed rows / the balanced share, for ragged "
+                        "all_to_alls (default 1: balanced routing)")
+    p.add_argument("--max-layers", type=int, default=8,
+                   help="deeper models are compiled at 2 and 4 layers and extrapolated")
+    args = p.parse_args(argv)
+
+    from msmoe_jax.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        n = args.devices or cfg.parallel.devices or 8
+        if args.devices and cfg.parallel.devices not in (None, args.devices):
+            cfg.parallel.devices = None
+        cfg.validate(n)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from msmoe_jax import h100
+
+    target = args.target
+    if target == "auto":
+        target = "h100" if h100.available() else "cpu"
+    elif target == "h100" and not h100.available():
+        print(f"error: {h100.INSTALL_HINT}", file=sys.stderr)
+        return 2
+    if target == "cpu":
+        simulate_cpu_devices(n)
+        import jax
+
+        if jax.device_count() < n:
+            print(f"error: {n} devices asked for, {jax.device_count()} simulated (set XLA_FLAGS="
+                  f"--xla_force_host_platform_device_count={n} before starting)",
+                  file=sys.stderr)
+            return 2
+    from msmoe_jax.steptime.hlo import Routing
+    from msmoe_jax.steptime.report import analyse, format_report
+
+    print(format_report(analyse(cfg, n, args.hardware, target, Routing(args.skew),
+                                args.max_layers)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
