@@ -5,10 +5,13 @@
     python -m msmoe_jax.comms --compress  # also the same layout with every compression switch
 
 Everything is read from the program's HLO; nothing runs, so large models can be inspected on a
-laptop's simulated devices. ``--hlo compiled`` reads the compiled program (what XLA will run,
-after combining and removing collectives); ``--hlo lowered`` the program as written, before
-optimisation. The default is compiled on GPU and lowered elsewhere: XLA:CPU widens BF16
-collectives to F32 and FP8 ones to F16, so its compiled program hides what compression saves.
+laptop. ``--hlo h100`` (the default when ``.[h100-compile]`` is installed) reads the program
+compiled for H100s (``msmoe_jax/h100.py``): XLA:GPU's collectives as a GPU runs them, BF16
+and FP8 wires included, ragged all_to_alls costed by the rows they carry (balanced routing).
+Otherwise the CPU program is the fallback: ``--hlo compiled`` reads what XLA:CPU will run;
+``--hlo lowered`` (the fallback's default) the program as written, before optimisation, since
+XLA:CPU widens BF16 collectives to F32 and FP8 ones to F16, hiding what compression saves.
+Loop bodies (gradient accumulation) count once per iteration.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from msmoe_jax.cli import add_config_args, load_cli_config
 from msmoe_jax.config import Config, ConfigError
+from msmoe_jax.h100 import platforms_for_compiling
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
 
@@ -64,9 +68,16 @@ def build_step(cfg: Config, devices=None, abstract: bool = True):
 
 def step_collectives(cfg: Config, devices=None, hlo: str = "compiled"):
     """(layout, [Collective]) for one training step of ``cfg`` (lowered, not run); ``hlo``:
-    "compiled" or "lowered" (see the module docstring)."""
+    "h100" (``devices`` is then a count), "compiled" or "lowered" (see the module
+    docstring)."""
     from msmoe_jax.parallel.comm_bytes import collectives
 
+    if hlo == "h100":
+        from msmoe_jax import h100
+        from msmoe_jax.parallel.mesh import Layout
+
+        n = devices or cfg.parallel.devices or 8
+        return Layout.from_config(cfg, n), collectives(h100.compile_step(cfg, n).text, n)
     layout, mesh, step, state, tokens = build_step(cfg, devices)
     lowered = step.lower(state, tokens)
     text = (lowered.compile().as_text() if hlo == "compiled"
@@ -89,17 +100,26 @@ def main(argv=None) -> int:
     p.add_argument("--compress", action="store_true",
                    help="also the configured layout with every compression switch on, and the "
                         "saving per collective")
-    p.add_argument("--hlo", choices=("auto", "compiled", "lowered"), default="auto",
-                   help="which program to read (default: compiled on GPU, lowered elsewhere)")
+    p.add_argument("--hlo", choices=("auto", "h100", "compiled", "lowered"), default="auto",
+                   help="which program to read (default: h100 when the CUDA plugin is "
+                        "installed, else compiled on GPU and lowered elsewhere)")
     args = p.parse_args(argv)
+    platforms_for_compiling()
     cfg = load_cli_config(args)
     if cfg is None:
         return 2
     import jax
 
+    from msmoe_jax import h100
     from msmoe_jax.parallel.comm_bytes import by_scope, human, summarize
 
-    n = jax.device_count()
+    if args.hlo == "h100" and not h100.available():
+        print(f"error: {h100.INSTALL_HINT}", file=sys.stderr)
+        return 2
+    hlo = args.hlo if args.hlo != "auto" else (
+        "compiled" if jax.default_backend() == "gpu" else
+        "h100" if h100.available() else "lowered")
+    n = (cfg.parallel.devices or 8) if hlo == "h100" else jax.device_count()
     try:
         cfg.validate(n)
     except ConfigError as e:
@@ -112,14 +132,17 @@ def main(argv=None) -> int:
                 cfg, parallel=dataclasses.replace(cfg.parallel, **fields))
     if args.compress:
         layouts["compressed"] = compressed(cfg)
-    hlo = args.hlo if args.hlo != "auto" else (
-        "compiled" if jax.default_backend() == "gpu" else "lowered")
     m, t = cfg.model, cfg.train
     print(f"model: d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads "
           f"({m.num_kv_heads} KV), {m.num_experts} experts top-{m.top_k}, {m.dtype} compute; "
-          f"batch {t.batch_size} x {t.seq_len} tokens; {n} {jax.devices()[0].platform} devices")
+          f"batch {t.batch_size} x {t.seq_len} tokens; {n} "
+          f"{'H100 (compile-only)' if hlo == 'h100' else jax.devices()[0].platform} devices")
+    source = ("program compiled for H100" if hlo == "h100" else
+              f"{hlo} {jax.devices()[0].platform.upper()} program" + (
+                  " (fallback: install .[h100-compile] to read the H100 program)"
+                  if jax.default_backend() == "cpu" else ""))
     print(f"bytes: sent per device per training step (forward + backward + optimizer), read "
-          f"from the {hlo} program")
+          f"from the {source}")
     if hlo == "compiled" and jax.default_backend() == "cpu":
         print("note: XLA:CPU runs bf16 collectives in f32 and fp8 ones in f16, so they count "
               "double here; on GPU they move as written (--hlo lowered shows that)")
@@ -128,7 +151,7 @@ def main(argv=None) -> int:
     for name, c in layouts.items():
         try:
             c.validate(n)
-            layout, found = step_collectives(c, hlo=hlo)
+            layout, found = step_collectives(c, n if hlo == "h100" else None, hlo=hlo)
         except ConfigError as e:
             print(f"[{name}] not possible for this model: {e}\n")
             continue

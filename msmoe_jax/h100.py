@@ -140,12 +140,39 @@ def compile_step(cfg: Config, n: int | None = None, layers: int | None = None) -
     typed = lambda v: {"true": True, "false": False}.get(v, int(v) if v.isdigit() else v)
     options = ({k: typed(v) for k, v in GPU_OVERLAP_FLAGS.items()}
                if cfg.run.gpu_overlap_flags else {})
-    compiled = step.lower(state, tokens).compile(compiler_options=options)
+    import jax
+
+    # A persistent compilation cache cannot reload compile-only executables: skip it.
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        compiled = _compile(step.lower(state, tokens), options)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     memory = Memory(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
                     m.temp_size_in_bytes)
     return Compiled(compiled.as_text(), memory, n, cfg.model.num_layers, seconds)
+
+
+def _compile(lowered, options: dict):
+    """``lowered.compile(options)``, leaving out options this XLA does not know (jax 0.11
+    dropped the pipelined-collective flags), each with a warning."""
+    import re
+    import warnings
+
+    import jax
+
+    while True:
+        try:
+            return lowered.compile(compiler_options=options)
+        except jax.errors.JaxRuntimeError as e:
+            unknown = re.search(r"No such compile option:?\s*'?([\w.]+)", str(e))
+            if not unknown or unknown.group(1) not in options:
+                raise
+            warnings.warn(f"this XLA has no option {unknown.group(1)}; compiling without it")
+            options = {k: v for k, v in options.items() if k != unknown.group(1)}
 
 
 def extrapolate(a: Compiled, b: Compiled, layers: int) -> Memory:
