@@ -99,18 +99,18 @@ class Compiled(NamedTuple):
 HEADROOM = 0.9  # fits: the peak within 90% of the GPU's memory (allocator, NCCL, CUDA context)
 
 
-def compile_plan(cfg: Config, devices: int, max_layers: int = 8,
-                 layers: tuple[int, ...] | None = None) -> Compiled:
+def compile_plan(cfg: Config, devices: int, max_layers: int = 8, runs=None) -> Compiled:
     """The H100 program's memory for ``cfg``: compiled whole when ``num_layers`` <=
-    ``max_layers``, else at ``layers`` (default 2 and 4 blocks) and extrapolated per layer."""
+    ``max_layers``, else at 2 and 4 blocks and extrapolated per layer. ``runs``: those
+    compiles (``h100.Compiled``) when already made."""
     from msmoe_jax import h100
 
     depth = cfg.model.num_layers
-    if layers is None:
+    if runs is None:
         layers = (depth,) if depth <= max_layers else (2, 4)
-    runs = [h100.compile_step(cfg, devices, layers=n) for n in layers]
+        runs = [h100.compile_step(cfg, devices, layers=n) for n in layers]
     memory = runs[0].memory if len(runs) == 1 else h100.extrapolate(runs[0], runs[-1], depth)
-    return Compiled(memory, tuple(layers), h100.memory_capacity())
+    return Compiled(memory, tuple(r.layers for r in runs), h100.memory_capacity())
 
 
 def memory_table(p: Plan, c: Compiled) -> list[tuple[str, float]]:

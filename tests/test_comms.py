@@ -51,6 +51,10 @@ def test_both_replica_group_forms():
     assert replica_groups(over_a[0][0], 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     both = parse(entry("  %x = f32[8] all-reduce(%p), replica_groups=mesh['a'=2,'b'=4] {'a','b'}"))
     assert replica_groups(both[0][0], 8) == [list(range(8))]
+    # As jax 0.11 names the axes of shard_map's folded views.
+    folded = parse(entry("  %x = f32[8] all-reduce(%p), replica_groups=mesh['data:expert'=2,"
+                         "'sequence:expert'=4] {'sequence:expert'}"))
+    assert replica_groups(folded[0][0], 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     # The Ulysses all_to_all over 4 of 8 devices is costed over 4, not 8.
     (c,) = collectives(entry(f"  %x = bf16[64,8]{{1,0}} all-to-all(%p), {forms['mesh']}"), 8)
     assert c.group == 4 and c.bytes == 64 * 8 * 2 * 3 / 4

@@ -15,14 +15,18 @@ from msmoe_jax.steptime.hlo import parse
 pytestmark = pytest.mark.skipif(not h100.available(), reason=h100.INSTALL_HINT)
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
-# Layers compiled per config in the gate: one block of each kind (a dense one where the config
-# has them, then an MoE one), at the real widths, layout and device count.
-GATE_LAYERS = 2
+# The gate compiles one block of each kind (a dense one where the config has them, then an MoE
+# one) at the real widths, layout and device count.
 
 
 def gate_config(name: str, **overrides):
+    """The config at its device count. Cluster configs compile without the GPU overlap flags
+    (3x faster here: 60 s instead of 190 s for the 352B config's block on 512 GPUs); the
+    8-GPU configs keep them, so the flags' passes are compiled too."""
     cfg = load_config(ROOT / "configs" / name, [f"{k}={v}" for k, v in overrides.items()])
     n = cfg.parallel.devices or 8
+    if n > 8:
+        cfg.run.gpu_overlap_flags = False
     return cfg.validate(n), n
 
 

@@ -64,10 +64,10 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     from msmoe_jax.steptime.hlo import Routing
-    from msmoe_jax.steptime.report import analyse, format_report
+    from msmoe_jax.steptime.report import analyse, compile_texts, format_report
 
-    print(format_report(analyse(cfg, n, args.hardware, target, Routing(args.skew),
-                                args.max_layers)))
+    texts = compile_texts(cfg, n, target, args.max_layers)
+    print(format_report(analyse(cfg, n, texts, args.hardware, target, Routing(args.skew))))
     return 0
 
 

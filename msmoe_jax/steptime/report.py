@@ -70,39 +70,44 @@ class Report(NamedTuple):
     mfu: float
 
 
-def compile_text(cfg: Config, devices: int, layers: int | None, target: str) -> str:
-    """The compiled step's HLO text for ``target`` "h100" or "cpu" (simulated devices)."""
+def compile_texts(cfg: Config, devices: int, target: str = "h100",
+                  max_layers: int = 8) -> dict[int, str]:
+    """{depth: compiled HLO text} of ``cfg``'s step for ``target`` "h100" or "cpu" (simulated
+    devices): the whole model, or 2 and 4 layers when deeper than ``max_layers``."""
     from msmoe_jax import h100
 
+    depth = cfg.model.num_layers
+    depths = (depth,) if depth <= max_layers else (2, 4)
     if target == "h100":
-        return h100.compile_step(cfg, devices, layers=layers).text
+        return {n: h100.compile_step(cfg, devices, layers=n).text for n in depths}
     import jax
 
     from msmoe_jax.comms import build_step
 
-    c = h100.with_layers(cfg, layers) if layers else cfg
-    _, _, step, state, tokens = build_step(c, jax.devices()[:devices])
-    return step.lower(state, tokens).compile().as_text()
+    texts = {}
+    for n in depths:
+        _, _, step, state, tokens = build_step(h100.with_layers(cfg, n), jax.devices()[:devices])
+        texts[n] = step.lower(state, tokens).compile().as_text()
+    return texts
 
 
-def analyse(cfg: Config, devices: int, hw_name: str = "h100", target: str = "h100",
-            routing: Routing = Routing(), max_layers: int = 8) -> Report:
-    """Compiles ``cfg`` for ``devices`` devices (whole, or at 2 and 4 layers when deeper than
-    ``max_layers``, extrapolated per layer) and reports it (see the module docstring)."""
+def analyse(cfg: Config, devices: int, texts: dict[int, str], hw_name: str = "h100",
+            target: str = "h100", routing: Routing = Routing()) -> Report:
+    """The report of ``cfg``'s step from its compiled ``texts`` (``compile_texts``; two depths
+    are extrapolated linearly per layer to the config's)."""
     from msmoe_jax.flops import train_flops_per_token
     from msmoe_jax.parallel.comm_bytes import by_scope, collectives
     from msmoe_jax.steptime.model import HARDWARE, program_ops, schedule
 
     hw = HARDWARE[hw_name]
     depth = cfg.model.num_layers
-    depths = (depth,) if depth <= max_layers else (2, 4)
+    depths = tuple(sorted(texts))
     scale = 1.0 if target == "h100" or cfg.model.dtype != "bfloat16" else 0.5
     runs = []
     for layers in depths:
-        text = compile_text(cfg, devices, layers if layers != depth else None, target)
-        program = program_ops(text, devices, hw, scale, routing)
+        program = program_ops(texts[layers], devices, hw, scale, routing)
         timeline = schedule(program.ops, True, hw.overlap_slowdown)
-        runs.append((program.flops, by_scope(collectives(text, devices, routing)),
+        runs.append((program.flops, by_scope(collectives(texts[layers], devices, routing)),
                      timeline.step, timeline.exposed_by_scope))
     if len(runs) == 1:
         executed, moved, step, exposed = runs[0]

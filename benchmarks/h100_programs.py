@@ -1,0 +1,81 @@
+"""Every shipped config's training step compiled for H100 (no GPU needed): per-device memory
+(``plan --compile``) and executed vs useful work (``python -m msmoe_jax.steptime``) from the
+same compiles, as the markdown tables of docs/performance.md.
+
+    python benchmarks/h100_programs.py [--configs default.yaml mixtral_8x7b_64xh100.yaml]
+                                       [--out h100_programs.md]
+
+Needs ``pip install -e .[h100-compile]``. Configs deeper than 8 layers are compiled at 2 and 4
+layers and extrapolated per layer. Several minutes per cluster config on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from msmoe_jax.h100 import platforms_for_compiling  # noqa: E402
+
+
+def main(argv=None) -> int:
+    platforms_for_compiling()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="*",
+                   default=sorted(x.name for x in (ROOT / "configs").glob("*.yaml")))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, help="also write the tables to this file")
+    args = p.parse_args(argv)
+
+    from msmoe_jax import h100
+    from msmoe_jax.config import load_config
+    from msmoe_jax.parallel.comm_bytes import human
+    from msmoe_jax.plan import compile_plan, memory_table, plan
+    from msmoe_jax.steptime.report import analyse
+
+    memory_rows, work_rows = [], []
+    for name in args.configs:
+        cfg = load_config(ROOT / "configs" / name, args.overrides)
+        n = cfg.parallel.devices or 8
+        cfg.validate(n)
+        depth = cfg.model.num_layers
+        t0 = time.perf_counter()
+        runs = [h100.compile_step(cfg, n, layers=d) for d in ((depth,) if depth <= 8 else (2, 4))]
+        seconds = time.perf_counter() - t0
+        p_ = plan(cfg, n)
+        c = compile_plan(cfg, n, runs=runs)
+        gib = dict(memory_table(p_, c))
+        memory_rows.append(
+            f"| {name} | {n} | {'/'.join(map(str, c.layers))} | "
+            + " | ".join(f"{v:.2f}" for v in gib.values())
+            + f" | {'yes' if c.fits else '**no**'} |")
+        r = analyse(cfg, n, {x.layers: x.text for x in runs})
+        ratio = lambda k: (f"{r.executed.get(k, 0) / r.useful[k]:.2f}x" if r.useful.get(k)
+                           else "-")
+        total = sum(r.executed.values()) / sum(r.useful.values())
+        moved = r.moved.get("moe_dispatch", 0.0)
+        work_rows.append(
+            f"| {name} | {ratio('attention')} | {ratio('experts')} | {total:.2f}x | "
+            f"{human(moved)} | {human(r.routed) if r.routed else '-'} | "
+            f"{(f'{moved / r.routed:.1f}x' if r.routed else '-')} | "
+            f"{sum(r.exposed.values()) * 1e3:,.1f} | {r.step * 1e3:,.1f} | {r.mfu:.1%} |")
+        print(f"{name}: compiled in {seconds:.0f}s", file=sys.stderr, flush=True)
+    fields = list(gib)  # the memory table's rows, the same for every config
+    out = ["| config | GPUs | layers compiled | " + " | ".join(f"{f} GiB" for f in fields)
+           + " | fits 80 GB (90%) |", "|---" * (4 + len(fields)) + "|", *memory_rows, "",
+           "| config | attention exec/useful | experts exec/useful | all matmuls exec/useful "
+           "| expert exchange moved | routed rows | moved/routed | exposed comm ms | step ms "
+           "| MFU |", "|---" * 10 + "|", *work_rows]
+    text = "\n".join(out)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
