@@ -52,3 +52,40 @@ def test_link_model():
         8 * mib / 50e9)
     assert collective_seconds("all-reduce", 8 * mib, list(range(8)), hw) == pytest.approx(
         2 * 7 / 8 * 8 * mib / 450e9)
+
+
+def test_useful_flops_by_scope_add_up_to_the_model_flops():
+    from msmoe_jax.flops import train_flops_per_token
+    from msmoe_jax.steptime.report import useful_flops_per_token
+
+    from conftest import tiny_config
+
+    m = tiny_config(model={"num_shared_experts": 1, "num_dense_layers": 1}).model
+    parts = useful_flops_per_token(m, 32)
+    assert sum(parts.values()) == pytest.approx(train_flops_per_token(m, 32))
+    assert parts["experts"] == 6 * (m.num_layers - 1) * m.top_k * 3 * m.d_model * m.moe_d_ff
+
+
+def test_bytes_and_flops_scale_with_gradient_accumulation():
+    """The accumulation loop runs once per micro-batch: with the micro-batch fixed, two of
+    them execute twice the expert exchange and the matmuls of one (the loop was counted once)."""
+    from conftest import tiny_config
+    from msmoe_jax.comms import build_step
+    from msmoe_jax.parallel.comm_bytes import collectives
+    from msmoe_jax.steptime.model import program_ops
+
+    measured = {}
+    for steps in (1, 2):
+        cfg = tiny_config(parallel={"data": 2, "sequence": 4, "attention": "ulysses",
+                                    "expert_data": 1, "expert": 8},
+                          model={"num_experts": 8},
+                          train={"batch_size": 8 * steps, "grad_accum_steps": steps})
+        _, _, step, state, tokens = build_step(cfg)
+        text = step.lower(state, tokens).compile().as_text()
+        found = collectives(text, 8)
+        program = program_ops(text, 8, HARDWARE["h100"])
+        dispatch = sum(c.bytes for c in found if c.scope == "moe_dispatch")
+        measured[steps] = (dispatch, program.total_flops)
+    assert measured[2][0] == pytest.approx(2 * measured[1][0], rel=1e-6)
+    assert measured[2][1] == pytest.approx(2 * measured[1][1], rel=0.02)
+

@@ -33,7 +33,7 @@ class Hardware:
     mem_bw: float  # HBM bytes/s
     nvlink_bw: float  # bytes/s per device per direction inside a node
     net_bw: float  # bytes/s per device per direction across nodes
-    nvlink_alpha: float = 3e-6  # seconds per message step
+    nvlink_alpha: float = 1.5e-6  # seconds per message step
     net_alpha: float = 10e-6
     gpus_per_node: int = 8
     matmul_efficiency: float = 0.80  # achieved / peak on large dense GEMMs
