@@ -42,9 +42,8 @@ def main(argv=None) -> int:
         cfg = load_config(ROOT / "configs" / name, args.overrides)
         n = cfg.parallel.devices or 8
         cfg.validate(n)
-        depth = cfg.model.num_layers
         t0 = time.perf_counter()
-        runs = [h100.compile_step(cfg, n, layers=d) for d in ((depth,) if depth <= 8 else (2, 4))]
+        runs = [h100.compile_step(cfg, n, layers=d) for d in h100.depths(cfg)]
         seconds = time.perf_counter() - t0
         p_ = plan(cfg, n)
         c = compile_plan(cfg, n, runs=runs)

@@ -4,9 +4,10 @@ training steps (nothing runs), plus the compiled peak memory of each remat polic
     python benchmarks/overlap.py                 # default model (8 devices) + Mixtral-like
     python benchmarks/overlap.py --quick         # default model only
 
-Each row compiles one training step on simulated CPU devices and replays it on a modelled
-cluster (msmoe_jax/steptime): H100 nodes of 8 GPUs, NVLink inside, 400 Gb/s per GPU across.
-The 32-node rows run in a child process with 256 simulated devices.
+Each row compiles one training step for H100s (msmoe_jax/h100.py, with ``.[h100-compile]``;
+else on simulated CPU devices, said in the output) and replays it on a modelled cluster
+(msmoe_jax/steptime): H100 nodes of 8 GPUs, NVLink inside, 400 Gb/s per GPU across. The
+32-node rows run in a child process (with 256 simulated devices on the CPU fallback).
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from msmoe_jax.cli import simulate_cpu_devices  # noqa: E402
+from msmoe_jax.h100 import platforms_for_compiling  # noqa: E402
+
+
+def compiled_step(cfg, n: int):
+    """(HLO text, memory analysis) of cfg's step for n H100s, or on n simulated CPU devices
+    when the CUDA plugin is missing."""
+    from msmoe_jax import h100
+
+    if h100.available():
+        c = h100.compile_step(cfg, n)
+        return c.text, c.memory
+    from msmoe_jax.comms import build_step
+
+    _, _, step, state, batch = build_step(cfg)
+    program = step.lower(state, batch).compile()
+    return program.as_text(), program.memory_analysis()
 
 MIXTRAL = dict(vocab_size=32000, d_model=4096, num_layers=2, num_heads=32, num_kv_heads=8,
                d_ff=14336, num_dense_layers=0, num_experts=8, top_k=2, moe_d_ff=14336,
@@ -50,16 +67,15 @@ def schedules(n: int, nodes: int) -> dict[str, tuple[dict, bool]]:
 
 
 def model_rows(cfg, hw_name: str, nodes: int, rows: list[str] | None = None):
-    import jax
-
-    from msmoe_jax.comms import build_step
+    from msmoe_jax import h100
     from msmoe_jax.flops import train_flops_per_token
     from msmoe_jax.steptime.model import HARDWARE, model_step
 
-    n = jax.device_count()
+    n = 8 * nodes
     hw = HARDWARE[hw_name]
     out = []
-    scale = 0.5 if cfg.model.dtype == "bfloat16" else 1.0  # XLA:CPU widens bf16 collectives
+    # XLA:CPU widens bf16 collectives; the H100 program sends them as written.
+    scale = 0.5 if cfg.model.dtype == "bfloat16" and not h100.available() else 1.0
     tokens = cfg.train.batch_size * cfg.train.seq_len
     model_flops = train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens / n
     compiled = {}
@@ -70,8 +86,7 @@ def model_rows(cfg, hw_name: str, nodes: int, rows: list[str] | None = None):
         key = json.dumps(fields, sort_keys=True)
         if key not in compiled:
             c.validate(n)
-            _, mesh, step, state, batch = build_step(c)
-            compiled[key] = step.lower(state, batch).compile().as_text()
+            compiled[key] = compiled_step(c, n)[0]
         t, _ = model_step(compiled[key], n, hw, overlap, activation_bytes_scale=scale)
         out.append(dict(schedule=name, step_ms=t.step * 1e3, exposed_ms=t.exposed_comm * 1e3,
                         comm_ms=t.comm * 1e3, mfu=model_flops / (t.step * hw.peak_flops)))
@@ -81,23 +96,19 @@ def model_rows(cfg, hw_name: str, nodes: int, rows: list[str] | None = None):
 
 
 def remat_rows(cfg):
-    import jax
-
-    from msmoe_jax.comms import build_step
-
     out = {}
     for policy in ("none", "selective", "full"):
         c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, remat=policy))
-        c.validate(jax.device_count())
-        _, _, step, state, batch = build_step(c)
-        mem = step.lower(state, batch).compile().memory_analysis()
-        out[policy] = mem.temp_size_in_bytes
-        print(f"  remat {policy:<10} compiled temp {mem.temp_size_in_bytes / 2**20:9.1f} MiB",
-              flush=True)
+        c.validate(8)
+        temp = compiled_step(c, 8)[1]
+        temp = getattr(temp, "temp_size_in_bytes", getattr(temp, "temporaries", 0))
+        out[policy] = temp
+        print(f"  remat {policy:<10} compiled temp {temp / 2**20:9.1f} MiB", flush=True)
     return out
 
 
 def main(argv=None) -> int:
+    platforms_for_compiling()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="default model only")
     p.add_argument("--child", help=argparse.SUPPRESS)  # "mixtral:<nodes>" in a child process
@@ -114,6 +125,10 @@ def main(argv=None) -> int:
     simulate_cpu_devices(8)
     from msmoe_jax.config import load_config
     cfg = load_config(ROOT / "configs" / "default.yaml")
+    from msmoe_jax import h100
+
+    print("reading the " + ("program compiled for H100" if h100.available() else
+                            "CPU program (fallback: install .[h100-compile])"))
     print("default model, 8 devices modelled as one H100 node (8 x H100, NVLink):")
     model_rows(cfg, "h100", 1)
     print("default model, remat policies:")

@@ -77,12 +77,25 @@ def step_collectives(cfg: Config, devices=None, hlo: str = "compiled"):
         from msmoe_jax.parallel.mesh import Layout
 
         n = devices or cfg.parallel.devices or 8
-        return Layout.from_config(cfg, n), collectives(h100.compile_step(cfg, n).text, n)
+        found = [collectives(h100.compile_step(cfg, n, layers=d).text, n)
+                 for d in h100.depths(cfg)]
+        if len(found) == 2:  # two depths, two MoE blocks apart: add the blocks missing
+            found = more_blocks(*found, (cfg.model.num_layers - h100.depths(cfg)[1]) // 2)
+        return Layout.from_config(cfg, n), found
     layout, mesh, step, state, tokens = build_step(cfg, devices)
     lowered = step.lower(state, tokens)
     text = (lowered.compile().as_text() if hlo == "compiled"
             else lowered.as_text(dialect="hlo", debug_info=True))
     return layout, collectives(text, mesh.size)
+
+
+def more_blocks(fewer: list, more: list, times: int) -> list:
+    """``more``'s collectives plus ``times`` copies of those it has beyond ``fewer`` (the
+    program at two depths: what the extra blocks communicate)."""
+    from collections import Counter
+
+    extra = Counter(more) - Counter(fewer)
+    return more + [c for c, k in extra.items() for _ in range(k)] * times
 
 
 def compressed(cfg: Config) -> Config:
@@ -143,6 +156,9 @@ def main(argv=None) -> int:
                   if jax.default_backend() == "cpu" else ""))
     print(f"bytes: sent per device per training step (forward + backward + optimizer), read "
           f"from the {source}")
+    if hlo == "h100" and len(h100.depths(cfg)) == 2:
+        print(f"note: compiled at {' and '.join(map(str, h100.depths(cfg)))} layers; the "
+              f"collectives of the extra blocks are added up to {cfg.model.num_layers}")
     if hlo == "compiled" and jax.default_backend() == "cpu":
         print("note: XLA:CPU runs bf16 collectives in f32 and fp8 ones in f16, so they count "
               "double here; on GPU they move as written (--hlo lowered shows that)")

@@ -80,15 +80,6 @@ def available() -> bool:
         return False
 
 
-def is_gpu(devices_or_mesh) -> bool:
-    """Whether the mesh (or device list) is made of GPUs, compile-only ones included: the
-    choice of GPU code paths, which ``jax.default_backend()`` gets wrong when compiling for
-    GPUs from a CPU machine."""
-    devs = getattr(devices_or_mesh, "devices", devices_or_mesh)
-    first = next(iter(getattr(devs, "flat", devs)))
-    return first.platform in ("gpu", "cuda", "rocm")
-
-
 class Memory(NamedTuple):
     """Bytes per device from XLA's memory analysis of the compiled program."""
 
@@ -114,6 +105,14 @@ class Compiled(NamedTuple):
     devices: int
     layers: int  # the layers compiled (may be fewer than the config's)
     seconds: float  # compile time
+
+
+def depths(cfg: Config, max_layers: int = 8) -> tuple[int, ...]:
+    """The depths to compile ``cfg`` at: its own when at most ``max_layers``, else two small
+    ones with the same dense leading layers (d + 2 and d + 4 blocks), whose difference is two
+    MoE blocks: extrapolating from them (``extrapolate``) adds MoE blocks only."""
+    depth, dense = cfg.model.num_layers, cfg.model.num_dense_layers
+    return (depth,) if depth <= max(max_layers, dense + 4) else (dense + 2, dense + 4)
 
 
 def with_layers(cfg: Config, layers: int) -> Config:

@@ -84,7 +84,7 @@ def plan(cfg: Config, devices: int) -> Plan:
                 held(shapes["params"], specs["params"], itemsize=4))
 
 
-class Compiled(NamedTuple):
+class CompiledMemory(NamedTuple):
     """Per-device bytes of the H100 program (``--compile``)."""
 
     memory: "Memory"  # XLA's analysis (extrapolated when ``layers`` has two depths)
@@ -99,21 +99,20 @@ class Compiled(NamedTuple):
 HEADROOM = 0.9  # fits: the peak within 90% of the GPU's memory (allocator, NCCL, CUDA context)
 
 
-def compile_plan(cfg: Config, devices: int, max_layers: int = 8, runs=None) -> Compiled:
+def compile_plan(cfg: Config, devices: int, max_layers: int = 8, runs=None) -> CompiledMemory:
     """The H100 program's memory for ``cfg``: compiled whole when ``num_layers`` <=
-    ``max_layers``, else at 2 and 4 blocks and extrapolated per layer. ``runs``: those
+    ``max_layers``, else at two depths (``h100.depths``) and extrapolated per layer. ``runs``: those
     compiles (``h100.Compiled``) when already made."""
     from msmoe_jax import h100
 
-    depth = cfg.model.num_layers
     if runs is None:
-        layers = (depth,) if depth <= max_layers else (2, 4)
-        runs = [h100.compile_step(cfg, devices, layers=n) for n in layers]
-    memory = runs[0].memory if len(runs) == 1 else h100.extrapolate(runs[0], runs[-1], depth)
-    return Compiled(memory, tuple(r.layers for r in runs), h100.memory_capacity())
+        runs = [h100.compile_step(cfg, devices, layers=n) for n in h100.depths(cfg, max_layers)]
+    memory = runs[0].memory if len(runs) == 1 else h100.extrapolate(
+        runs[0], runs[-1], cfg.model.num_layers)
+    return CompiledMemory(memory, tuple(r.layers for r in runs), h100.memory_capacity())
 
 
-def memory_table(p: Plan, c: Compiled) -> list[tuple[str, float]]:
+def memory_table(p: Plan, c: CompiledMemory) -> list[tuple[str, float]]:
     """(what, GiB per device) rows of the compiled memory: the state as the plan counts it,
     then the program's temporaries split into the FP32 gradients and the rest."""
     m = c.memory
@@ -160,7 +159,7 @@ def main(argv=None) -> int:
 
         try:
             compiled = compile_plan(cfg, n, args.max_layers)
-        except h100.PluginMissing as e:
+        except (h100.PluginMissing, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         how = (f"compiled with {compiled.layers[0]} layers" if len(compiled.layers) == 1 else

@@ -140,3 +140,39 @@ def test_comms_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "msmoe_jax.comms", "--config", str(config),
                         "--set", "parallel.expert=3"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "\nerror: parallel.expert_data" in "\n" + r.stderr
+
+
+NESTED = LOOP.replace("%body", "%inner").replace("%cond", "%inner_cond") + """
+%outer (t: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %o = (s32[], f32[16]{0}) parameter(0)
+  %in = (s32[], f32[16]{0}) while(%o), condition=%inner_cond, body=%inner, backend_config={"known_trip_count":{"n":"2"}}
+  %x = f32[16]{0} get-tuple-element(%in), index=1
+  %y = f32[16]{0} all-gather(%x), replica_groups={{0,1}}, dimensions={0}
+  %j = s32[] get-tuple-element(%in), index=0
+  ROOT %out = (s32[], f32[16]{0}) tuple(%j, %y)
+}
+"""
+
+
+def test_nested_loops_run_in_order():
+    """A loop inside a loop body: 3 outer x 2 inner iterations, and each outer iteration waits
+    on the previous one's ROOT (not on a step of its inner loop)."""
+    text = entry('  %l = (s32[], f32[16]{0}) while(%p), condition=%inner_cond, body=%outer, '
+                 'backend_config={"known_trip_count":{"n":"3"}}', extra=NESTED)
+    found = collectives(text, 8)
+    assert [c.op for c in found].count("all-reduce") == 6
+    assert [c.op for c in found].count("all-gather") == 3
+    steps = {s.name: s for s in flatten(*parse(text))}
+    assert steps["l#1/o"].deps == ("l#0/out",)
+    assert steps["l#1/in#0/t"].deps == ("l#1/o",)
+    assert steps["l#1/x"].deps == ("l#1/in",) and steps["l#1/in"].deps == ("l#1/in#1/r",)
+
+
+def test_deep_programs_add_the_blocks_they_did_not_compile():
+    from msmoe_jax.comms import more_blocks
+    from msmoe_jax.parallel.comm_bytes import Collective
+
+    grad = Collective("all-reduce", "grad_exchange", ((4,),), 8, 28.0)
+    a2a = Collective("all-to-all", "moe_dispatch", ((8,),), 8, 14.0)
+    two, four = [grad, a2a, a2a], [grad, a2a, a2a, a2a, a2a]  # a block: 1 exchange
+    assert sorted(c.op for c in more_blocks(two, four, 3)) == ["all-reduce"] + ["all-to-all"] * 10

@@ -82,6 +82,7 @@ def test_bytes_and_flops_scale_with_gradient_accumulation():
                           train={"batch_size": 8 * steps, "grad_accum_steps": steps})
         _, _, step, state, tokens = build_step(cfg)
         text = step.lower(state, tokens).compile().as_text()
+        assert (" while(" in text) == (steps > 1)  # the accumulation loop stays a loop
         found = collectives(text, 8)
         program = program_ops(text, 8, HARDWARE["h100"])
         dispatch = sum(c.bytes for c in found if c.scope == "moe_dispatch")

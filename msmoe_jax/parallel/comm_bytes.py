@@ -27,6 +27,11 @@ class Collective:
     bytes: float  # moved per device per call
 
 
+def scope_of(op_name: str) -> str:
+    """The first of SCOPES in a collective's op_name, else "other"."""
+    return next((sc for sc in SCOPES if sc in op_name), "other")
+
+
 def moved(op: str, payload: float, n: int) -> float:
     """Bytes one device sends for a collective with ``payload`` result bytes over n devices."""
     factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0,
@@ -52,7 +57,7 @@ def collectives(hlo_text: str, num_devices: int, routing: Routing = Routing()) -
         groups = replica_groups(instr, num_devices)
         n = len(groups[0]) if op != "collective-permute" else 2
         payload = collective_payload(instr, arrays_of, routing)
-        scope = next((sc for sc in SCOPES if sc in instr.op_name), "other")
+        scope = scope_of(instr.op_name)
         shapes = tuple(shape for _, shape in collective_arrays(instr))
         found.append(Collective(op, scope, shapes, n, moved(op, payload, n)))
     return found

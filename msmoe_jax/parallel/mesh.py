@@ -242,5 +242,14 @@ def make_mesh(layout: Layout, devices: Sequence[jax.Device] | None = None) -> Me
     return jax.make_mesh(shape, names, devices=devices, axis_types=(AxisType.Auto,) * len(shape))
 
 
+def is_gpu(devices_or_mesh) -> bool:
+    """Whether the mesh (or device list) is made of GPUs, compile-only ones included: the
+    choice of GPU code paths, which ``jax.default_backend()`` gets wrong when compiling for
+    GPUs from a CPU machine (msmoe_jax/h100.py)."""
+    devs = getattr(devices_or_mesh, "devices", devices_or_mesh)
+    first = next(iter(getattr(devs, "flat", devs)))
+    return first.platform in ("gpu", "cuda", "rocm")
+
+
 def sharding(mesh: Mesh, spec: P) -> NamedSharding:
     return NamedSharding(mesh, spec)

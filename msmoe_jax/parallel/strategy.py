@@ -19,7 +19,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from msmoe_jax.config import Config
-from msmoe_jax.h100 import is_gpu
 from msmoe_jax.kernels.experts import grouped_dot, kernel_experts
 from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.model.remat import remat_policy
@@ -31,12 +30,12 @@ from msmoe_jax.parallel import fp8
 from msmoe_jax.parallel.experts import (experts_all_gather, experts_all_to_all,
                                         experts_ragged_all_to_all)
 from msmoe_jax.parallel.grad_exchange import exchange_gradients, vary_replicas
-from msmoe_jax.parallel.mesh import REPLICATED, Layout
+from msmoe_jax.parallel.mesh import REPLICATED, Layout, is_gpu
 
 
 def make_ops(cfg: Config, layout: Layout, gpu: bool = False) -> LayerOps:
     """The LayerOps for ``layout``: per-device pieces that communicate over its mesh axes.
-    ``gpu``: the mesh is made of GPUs (``h100.is_gpu``), real or compile-only."""
+    ``gpu``: the mesh is made of GPUs (``mesh.is_gpu``), real or compile-only."""
     size = layout.sizes
     seq, n_seq = layout.seq_axes, size["sequence"] * size["tensor"]
     tensor = layout.axes["tensor"]

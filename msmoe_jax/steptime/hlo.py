@@ -172,7 +172,9 @@ def replica_groups(instr: Instr, num_devices: int) -> list[list[int]]:
 def collective_arrays(instr: Instr) -> list[tuple[str, tuple[int, ...]]]:
     """The collective's results. An async start returns (operands, results[, context]) as a
     tuple: its results are the second element."""
-    if instr.op.endswith("-start") and instr.shape.startswith("("):
+    # (all-reduce-start returns its results alone, several when XLA combined them.)
+    if (instr.op.endswith("-start") and instr.op != "all-reduce-start"
+            and instr.shape.startswith("(")):
         parts = _top_level(instr.shape.strip()[1:-1])
         if len(parts) >= 2:
             return arrays_in(parts[1])
@@ -204,7 +206,9 @@ def collective_payload(instr: Instr, arrays_of: dict | None = None,
     """Bytes of the collective's data per device: its result, except a ragged all_to_all,
     whose result is its whole landing buffer: that carries the rows of the smaller of its
     send and landing buffers (every routed row once, when balanced; the other is sized for
-    the worst case), times ``routing.skew``, never more than the larger."""
+    the worst case), times ``routing.skew``, never more than the larger. With skew, this is
+    the busiest device's traffic: the rows it receives (dispatch) or sends (combine), which
+    may exceed its own result buffer on the sending side."""
     arrays = collective_arrays(instr)
     full = sum(DTYPE_BYTES[d] * math.prod(s) for d, s in arrays)
     if instr.collective != "ragged-all-to-all" or not arrays_of or not instr.operands:
@@ -253,11 +257,10 @@ def flatten(instrs: list[Instr], comps: dict[str, list[Instr]], prefix: str = ""
             deps = params
         body = _loop_body(instr)
         if body is not None and body in comps:
+            root = next((i.name for i in comps[body] if i.root), comps[body][-1].name)
             for it in range(trip_count(instr, comps) if instr.op == "while" else 1):
-                inner = flatten(comps[body], comps, f"{name}#{it}/", deps)
-                out.extend(inner)
-                roots = [s.name for s, i in zip(inner, comps[body]) if i.root]
-                deps = tuple(roots or ([inner[-1].name] if inner else deps))
+                out.extend(flatten(comps[body], comps, f"{name}#{it}/", deps))
+                deps = (f"{name}#{it}/{root}",)  # the next iteration waits on this one's result
         names[instr.name] = name
         out.append(Step(name, instr, deps))
     return out
@@ -280,15 +283,14 @@ def all_arrays(comps: dict[str, list[Instr]]) -> dict[str, list]:
 
 # Where an instruction belongs, from JAX's name stack (``jax.named_scope`` in the model and
 # the parallel code): the first scope in this list that its op_name contains.
-FLOP_SCOPES = ("experts", "moe_dispatch", "router", "shared_expert", "attention", "ulysses",
+NAME_ORDER = ("experts", "moe_dispatch", "router", "shared_expert", "attention", "ulysses",
                "ffn", "lm_head")
-SCOPE_NAMES = {"moe_dispatch": "experts", "ulysses": "attention", "tensor_attention":
-               "attention", "shared_expert": "ffn"}
+SCOPE_NAMES = {"moe_dispatch": "experts", "ulysses": "attention", "shared_expert": "ffn"}
 
 
 def flop_scope(op_name: str) -> str:
     """attention, router, experts, ffn (dense and shared experts), lm_head or other."""
-    found = next((s for s in FLOP_SCOPES if s in op_name), "other")
+    found = next((s for s in NAME_ORDER if s in op_name), "other")
     return SCOPE_NAMES.get(found, found)
 
 

@@ -115,13 +115,19 @@ def schedule(ops: list[Op], overlap: bool = True, slowdown: float = 0.0) -> Time
         busy[op.stream] += seconds
         if op.stream == "comm":
             scope_of[op.name] = op.scope
+            if not overlap:  # one stream: every collective is exposed
+                exposed[op.scope] = exposed.get(op.scope, 0.0) + seconds
     step = max(ends.values(), default=0.0)
+    # Communication still running after the last compute op is exposed too.
+    tail = [n for n, e in ends.items() if n in scope_of and e > free["compute"]]
+    if overlap and tail and step > free["compute"]:
+        key = scope_of[max(tail, key=ends.get)]
+        exposed[key] = exposed.get(key, 0.0) + step - free["compute"]
     return Timeline(step, busy["compute"], busy["comm"], step - busy["compute"], starts, ends,
                     exposed)
 
 
-def collective_seconds(kind: str, payload: float, group: list[int], hw: Hardware,
-                       n_groups_hint: int = 1) -> float:
+def collective_seconds(kind: str, payload: float, group: list[int], hw: Hardware) -> float:
     """alpha-beta time of one collective for one device of ``group``.
 
     payload: bytes of the result per device (the operand for reduce-scatter is n x that).
@@ -171,7 +177,7 @@ def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
     reductions (0.5 turns f32 activations back into bf16 where XLA:CPU widened them);
     ``routing`` sizes ragged all_to_alls by the rows they carry.
     """
-    from msmoe_jax.parallel.comm_bytes import SCOPES
+    from msmoe_jax.parallel.comm_bytes import scope_of
 
     entry, comps = parse(hlo_text)
     arrays_of = all_arrays(comps)
@@ -189,7 +195,7 @@ def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
                 payload *= activation_bytes_scale
             groups = replica_groups(instr, num_devices)
             group = groups[0] if kind != "collective-permute" else _permute_group(groups, hw)
-            scope = next((sc for sc in SCOPES if sc in instr.op_name), "other")
+            scope = scope_of(instr.op_name)
             ops.append(Op(step.name, "comm", collective_seconds(kind, payload, group, hw), deps,
                           scope))
             continue

@@ -13,13 +13,12 @@ leaves **exposed**. Deep models are compiled at two smaller depths and extrapola
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 from msmoe_jax.config import Config, ModelConfig
 from msmoe_jax.steptime.hlo import Routing
 
-FLOP_SCOPES = ("attention", "router", "experts", "ffn", "lm_head", "other")
+SCOPES_SHOWN = ("attention", "router", "experts", "ffn", "lm_head", "other")
 
 
 def useful_flops_per_token(m: ModelConfig, seq_len: int) -> dict[str, float]:
@@ -52,7 +51,10 @@ def routed_row_bytes(cfg: Config, devices: int) -> float:
     if m.num_experts == 0 or n == 1:
         return 0.0
     rows = t.batch_size * t.seq_len / devices * m.top_k * (m.num_layers - m.num_dense_layers)
-    wire = lambda fmt: (1 + 4 / m.d_model) if fmt == "fp8" else 2.0
+    import jax.numpy as jnp
+
+    itemsize = jnp.dtype(m.dtype).itemsize  # "none" sends the compute dtype
+    wire = lambda fmt: (1 + 4 / m.d_model) if fmt == "fp8" else itemsize
     z = cfg.compression
     row = m.d_model * (wire(z.dispatch) + wire(z.combine))  # out and back, each direction
     return 2 * rows * row * (n - 1) / n
@@ -68,16 +70,17 @@ class Report(NamedTuple):
     step: float  # modelled seconds
     exposed: dict[str, float]  # exposed communication seconds by comm scope
     mfu: float
+    kernels_uncounted: bool = False  # Pallas (Triton) custom calls, whose FLOPs are unknown
 
 
 def compile_texts(cfg: Config, devices: int, target: str = "h100",
                   max_layers: int = 8) -> dict[int, str]:
     """{depth: compiled HLO text} of ``cfg``'s step for ``target`` "h100" or "cpu" (simulated
-    devices): the whole model, or 2 and 4 layers when deeper than ``max_layers``."""
+    devices): the whole model, or two smaller depths (``h100.depths``) when deeper than
+    ``max_layers``."""
     from msmoe_jax import h100
 
-    depth = cfg.model.num_layers
-    depths = (depth,) if depth <= max_layers else (2, 4)
+    depths = h100.depths(cfg, max_layers)
     if target == "h100":
         return {n: h100.compile_step(cfg, devices, layers=n).text for n in depths}
     import jax
@@ -126,7 +129,8 @@ def analyse(cfg: Config, devices: int, texts: dict[int, str], hw_name: str = "h1
              f"CPU program for {devices} simulated devices (fallback: BF16/FP8 collectives "
              "widened, CPU fusions, no ragged all_to_all)")
     return Report(label, depths, executed, useful, moved, routed_row_bytes(cfg, devices), step,
-                  exposed, model_flops / (step * hw.peak_flops) if step else 0.0)
+                  exposed, model_flops / (step * hw.peak_flops) if step else 0.0,
+                  any("__gpu$xla.gpu.triton" in t for t in texts.values()))
 
 
 def format_report(r: Report) -> str:
@@ -140,13 +144,13 @@ def format_report(r: Report) -> str:
         if len(r.layers) > 1 else ""), "FLOPs: matmuls per device per step",
         "", f"{'scope':<11} {'executed ' + unit:>15} {'useful ' + unit:>13} "
             f"{'executed/useful':>16}"]
-    for scope in FLOP_SCOPES:
+    for scope in SCOPES_SHOWN:
         e, u = r.executed.get(scope, 0.0), r.useful.get(scope, 0.0)
         if e or u:
             ratio = f"{e / u:.2f}x" if u else "-"
             lines.append(f"{scope:<11} {e / div:>15.2f} {u / div:>13.2f} {ratio:>16}")
     lines.append(f"{'total':<11} {e_total / div:>15.2f} {u_total / div:>13.2f} "
-                 f"{e_total / u_total:>15.2f}x")
+                 f"{e_total / u_total if u_total else 0:>15.2f}x")
     lines += ["", f"{'comm scope':<17} {'moved/step':>12} {'exposed ms':>11}"]
     for scope in sorted(set(r.moved) | set(r.exposed), key=lambda k: -r.moved.get(k, 0.0)):
         lines.append(f"{scope:<17} {human(r.moved.get(scope, 0.0)):>12} "
@@ -155,12 +159,9 @@ def format_report(r: Report) -> str:
         got = r.moved.get("moe_dispatch", 0.0)
         lines.append(f"expert exchange: {human(got)} moved vs {human(r.routed)} of routed rows "
                      f"({got / r.routed:.2f}x)")
+    if r.kernels_uncounted:
+        lines.append("note: Pallas kernels are custom calls whose FLOPs are not counted")
     lines += ["", f"modelled step {r.step * 1e3:.1f} ms, exposed communication "
               f"{sum(r.exposed.values()) * 1e3:.1f} ms, MFU {r.mfu:.1%}"]
     return "\n".join(lines)
 
-
-def with_fields(cfg: Config, **sections) -> Config:
-    """``cfg`` with fields of its sections replaced: ``with_fields(cfg, train={...})``."""
-    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v)
-                                       for k, v in sections.items()})
