@@ -80,8 +80,9 @@ def step_collectives(cfg: Config, devices=None, hlo: str = "compiled"):
         found = [collectives(h100.compile_step(cfg, n, layers=d).text, n)
                  for d in h100.depths(cfg)]
         if len(found) == 2:  # two depths, two MoE blocks apart: add the blocks missing
-            found = more_blocks(*found, (cfg.model.num_layers - h100.depths(cfg)[1]) // 2)
-        return Layout.from_config(cfg, n), found
+            return Layout.from_config(cfg, n), more_blocks(
+                *found, (cfg.model.num_layers - h100.depths(cfg)[1]) // 2)
+        return Layout.from_config(cfg, n), found[0]
     layout, mesh, step, state, tokens = build_step(cfg, devices)
     lowered = step.lower(state, tokens)
     text = (lowered.compile().as_text() if hlo == "compiled"
