@@ -119,8 +119,9 @@ def analyse(cfg: Config, devices: int, texts: dict[int, str], hw_name: str = "h1
         line = lambda a, b: {k: a.get(k, 0.0) + f * (b.get(k, 0.0) - a.get(k, 0.0))
                              for k in set(a) | set(b)}
         (fa, ma, sa, ea), (fb, mb, sb, eb) = runs
-        executed, moved, step, exposed = line(fa, fb), line(ma, mb), sa + f * (sb - sa), line(
-            ea, eb)
+        executed, moved, step = line(fa, fb), line(ma, mb), sa + f * (sb - sa)
+        # Exposure is not additive per block (it depends on what overlaps): never below 0.
+        exposed = {k: max(v, 0.0) for k, v in line(ea, eb).items()}
     tokens = cfg.train.batch_size * cfg.train.seq_len / devices
     useful = {k: v * tokens for k, v in useful_flops_per_token(
         cfg.model, cfg.train.seq_len).items()}
