@@ -125,25 +125,36 @@ def memory_table(p: Plan, c: CompiledMemory) -> list[tuple[str, float]]:
             ("peak (compiled)", gib(m.peak))]
 
 
+def add_device_config_args(p: argparse.ArgumentParser) -> None:
+    """--config, --set and --devices: a config checked for a device count, on any machine."""
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--devices", type=int, help="device count (default: parallel.devices or 8)")
+
+
+def load_device_config(args) -> tuple[Config, int]:
+    """(config, device count) from ``add_device_config_args``' flags; raises ConfigError."""
+    cfg = load_config(args.config, args.overrides)
+    n = args.devices or cfg.parallel.devices or 8
+    if args.devices and cfg.parallel.devices not in (None, args.devices):
+        cfg.parallel.devices = None  # asked for another count: fit the layout to it
+    return cfg, n
+
+
 def main(argv=None) -> int:
     from msmoe_jax.h100 import platforms_for_compiling
 
     platforms_for_compiling()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--devices", type=int, help="device count (default: parallel.devices or 8)")
+    add_device_config_args(p)
     p.add_argument("--compile", action="store_true",
                    help="compile the step for H100s and report the compiled memory per device")
     p.add_argument("--max-layers", type=int, default=8,
-                   help="with --compile: deeper models are compiled at 2 and 4 layers and "
-                        "extrapolated (default 8)")
+                   help="with --compile: deeper models are compiled at two smaller depths "
+                        "and extrapolated (default 8)")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        n = args.devices or cfg.parallel.devices or 8
-        if args.devices and cfg.parallel.devices not in (None, args.devices):
-            cfg.parallel.devices = None  # asked for another count: fit the layout to it
+        cfg, n = load_device_config(args)
         out = plan(cfg, n)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,12 +18,10 @@ from msmoe_jax.h100 import platforms_for_compiling
 def main(argv=None) -> int:
     platforms_for_compiling()
     from msmoe_jax.cli import simulate_cpu_devices
-    from msmoe_jax.plan import DEFAULT_CONFIG
+    from msmoe_jax.plan import add_device_config_args, load_device_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--devices", type=int, help="device count (default: parallel.devices or 8)")
+    add_device_config_args(p)
     p.add_argument("--target", choices=("auto", "h100", "cpu"), default="auto",
                    help="which compiled program to read (auto: h100 when the plugin is there)")
     p.add_argument("--hardware", choices=("h100", "h800"), default="h100",
@@ -32,16 +30,13 @@ def main(argv=None) -> int:
                    help="busiest device's routed rows / the balanced share, for ragged "
                         "all_to_alls (default 1: balanced routing)")
     p.add_argument("--max-layers", type=int, default=8,
-                   help="deeper models are compiled at 2 and 4 layers and extrapolated")
+                   help="deeper models are compiled at two smaller depths and extrapolated")
     args = p.parse_args(argv)
 
-    from msmoe_jax.config import ConfigError, load_config
+    from msmoe_jax.config import ConfigError
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        n = args.devices or cfg.parallel.devices or 8
-        if args.devices and cfg.parallel.devices not in (None, args.devices):
-            cfg.parallel.devices = None
+        cfg, n = load_device_config(args)
         cfg.validate(n)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
