@@ -77,9 +77,9 @@ def ragged_exchange_padded(operand, output, input_offsets, send_sizes, output_of
                            recv_sizes, axes: Axes):
     """The contract of ``ragged_exchange`` built from a padded all_to_all, for backends without
     ``ragged_all_to_all`` (CPU): each device's chunk for device j is padded to A rows, so it
-    moves n*A rows whatever the sizes. Differentiable like any JAX code. It types its result
-    as the primitive does (as ``output``), so it refuses the buffers the primitive would
-    mistype."""
+    moves n*A rows whatever the sizes. Differentiable like any JAX code. It keeps the
+    primitive's typing contract (the result is typed as ``output``): it refuses the buffers
+    the primitive would mistype, so CPU tests catch them."""
     check_landing(output, operand, axes, input_offsets, send_sizes, output_offsets, recv_sizes)
     a, d = operand.shape
     n = send_sizes.shape[0]
