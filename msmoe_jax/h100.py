@@ -90,8 +90,8 @@ class Memory(NamedTuple):
 
     @property
     def peak(self) -> int:
-        """Arguments + outputs not aliased to them + temporaries: an upper bound on what the
-        step holds at once (XLA reuses temporaries; this adds them all)."""
+        """Arguments + outputs not aliased to them + temporaries (XLA's single temporary
+        allocation, after buffer assignment reused what it could): what the step reserves."""
         return self.arguments + self.outputs - self.aliased + self.temporaries
 
     def scaled(self, other: "Memory", factor: float) -> "Memory":
