@@ -77,11 +77,10 @@ def step_collectives(cfg: Config, devices=None, hlo: str = "compiled"):
         from msmoe_jax.parallel.mesh import Layout
 
         n = devices or cfg.parallel.devices or 8
-        found = [collectives(h100.compile_step(cfg, n, layers=d).text, n)
-                 for d in h100.depths(cfg)]
+        depths = h100.depths(cfg)
+        found = [collectives(h100.compile_step(cfg, n, layers=d).text, n) for d in depths]
         if len(found) == 2:  # two depths, two MoE blocks apart: add the blocks missing
-            return Layout.from_config(cfg, n), more_blocks(
-                *found, (cfg.model.num_layers - h100.depths(cfg)[1]) // 2)
+            found = [more_blocks(*found, (cfg.model.num_layers - depths[1]) // 2)]
         return Layout.from_config(cfg, n), found[0]
     layout, mesh, step, state, tokens = build_step(cfg, devices)
     lowered = step.lower(state, tokens)
