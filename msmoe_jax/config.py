@@ -101,6 +101,15 @@ class ParallelConfig:
     # with grouped GEMMs (on CPU, which lacks ragged_all_to_all, an emulation over a padded
     # all_to_all stands in: same numbers, no saving). "auto": ragged on GPU, padded elsewhere.
     all_to_all: Literal["auto", "padded", "ragged"] = "auto"
+    # Dropless exchange buffers, as a multiple of the balanced load (every device sends and
+    # receives tokens x top_k rows when routing is even). "ragged" sizes each device's receive
+    # buffer with it; "padded" each (source, expert) block. Rows past a buffer are dropped
+    # and counted in the ``dropped`` metric (the trainer warns when they pass 1% of the
+    # assignments); nothing is lost silently. 2.0 leaves room for the load of a device's
+    # experts to reach twice the mean, which aux-loss-balanced routing stays well under after
+    # warm-up; the padded exchange's compute and bytes scale with it, the ragged one's only
+    # its receive memory. "worst_case" sizes for every token choosing this device (studies).
+    buffer_factor: float | Literal["worst_case"] = 2.0
     # Collective matmuls: the all_gathers and reduce-scatters of tensor-parallel attention and
     # FFNs, and of the all_gather dispatch (dropless only), run as rings of ppermute steps
     # overlapped with the GEMMs beside them. "bidirectional" sends half of each block each way.
@@ -156,10 +165,15 @@ class KernelConfig:
     expert-sorted rows: ``model.expert_compute=ragged_dot`` without expert parallelism, and the
     ragged all_to_all dispatch) and its tiles."""
 
-    # "xla": jax.lax.ragged_dot. "pallas": msmoe_jax/kernels (Triton lowering on GPU, the Pallas
-    # interpreter elsewhere, which is slow and meant for tests). "auto": xla on every backend
-    # until a GPU measurement shows the kernel faster (docs/performance.md).
+    # "xla": jax.lax.ragged_dot (XLA:GPU multiplies every row by every expert's weights, masked).
+    # "pallas": msmoe_jax/kernels (Triton on GPU, multiplies only routed rows; the Pallas
+    # interpreter elsewhere, slow and meant for tests). "auto": pallas on GPU, xla elsewhere
+    # (parallel/choices.py).
     grouped_gemm: Literal["auto", "xla", "pallas"] = "auto"
+    # The attention core: "xla" is jax.nn.dot_product_attention's XLA path (materialises the
+    # [b, h, s, s] logits), "cudnn" its cuDNN flash-attention kernel (GPU, bf16). "auto":
+    # cudnn on GPU for bf16 models, xla otherwise.
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
     # pallas without expert parallelism: permute tokens in the GEMM prologue and un-permute
     # them, gate-weighted, in the epilogue (no expert-sorted copy of the activations).
     fuse_permute: bool = True
@@ -168,10 +182,6 @@ class KernelConfig:
     block_k: int = 64  # contraction step
     num_warps: int = 8
     num_stages: int = 3
-
-    @property
-    def resolved(self) -> str:
-        return "xla" if self.grouped_gemm == "auto" else self.grouped_gemm
 
 
 @dataclasses.dataclass
@@ -312,7 +322,7 @@ class Config:
         need(kc.num_warps in (1, 2, 4, 8, 16), "kernel.num_warps",
              f"must be one of 1, 2, 4, 8, 16, got {kc.num_warps}")
         need(kc.num_stages >= 1, "kernel.num_stages", f"must be >= 1, got {kc.num_stages}")
-        if kc.resolved == "pallas":
+        if kc.grouped_gemm == "pallas":
             need(m.expert_compute != "padded", "kernel.grouped_gemm",
                  "'pallas' runs the grouped expert GEMM, but model.expert_compute is 'padded'; "
                  "set model.expert_compute to 'ragged_dot' or 'auto'")
@@ -347,6 +357,15 @@ class Config:
             need(m.vocab_size >= 256, "model.vocab_size",
                  f"must be >= 256 for the byte-level stdlib corpus, got {m.vocab_size}")
 
+        bf = self.parallel.buffer_factor
+        need(bf == "worst_case" or bf > 0, "parallel.buffer_factor",
+             f"must be a number > 0 or 'worst_case', got {bf!r}")
+        if self.kernel.attention == "cudnn":
+            need(m.dtype == "bfloat16", "kernel.attention",
+                 f"'cudnn' needs model.dtype 'bfloat16', got {m.dtype!r}; use 'auto' or 'xla'")
+            hd = m.resolved_head_dim
+            need(hd % 8 == 0 and hd <= 256, "kernel.attention",
+                 f"'cudnn' needs model.head_dim a multiple of 8 up to 256, got {hd}")
         need(self.run.profile_steps >= 0, "run.profile_steps",
              f"must be >= 0 (0 = no trace), got {self.run.profile_steps}")
         for name in ("heartbeat_timeout_s", "init_timeout_s"):

@@ -19,6 +19,7 @@ because every block is the same program; ``docs/performance.md`` states the chec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from msmoe_jax.config import Config
 
 TARGET = Path(__file__).with_name("targets") / "h100_sxm.txtpb"
 GPUS_PER_HOST = 8
+CUDNN_STAND_IN = 90100  # the cuDNN version JAX is told when compiling without the library
 INSTALL_HINT = ('compiling for H100 needs the CUDA PJRT plugin of the installed jaxlib: '
                 'pip install -e ".[h100-compile]" (and JAX_PLATFORMS=cpu on a machine without '
                 'a GPU)')
@@ -123,6 +125,30 @@ def with_layers(cfg: Config, layers: int) -> Config:
         m, num_layers=layers, num_dense_layers=dense))
 
 
+@contextlib.contextmanager
+def compile_only():
+    """Around tracing and compiling for compile-only H100s: no persistent compilation cache
+    (it cannot reload such executables), and where no cuDNN library is installed (the plugin
+    comes without NVIDIA libraries) a stand-in for JAX's cuDNN version probe, which cuDNN
+    attention runs at trace time. XLA compiles the fused-attention custom call without cuDNN;
+    its cuDNN graph is built when the program loads on a GPU."""
+    import jax
+    from jax._src.cudnn import fused_attention_stablehlo as fused  # private: no public probe
+
+    probe = fused.check_cudnn_version
+    try:
+        probe()
+    except RuntimeError:  # "cuDNN not found"
+        fused.check_cudnn_version = lambda: CUDNN_STAND_IN
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
+        fused.check_cudnn_version = probe
+
+
 def compile_step(cfg: Config, n: int | None = None, layers: int | None = None) -> Compiled:
     """Compiles ``cfg``'s training step for ``n`` H100s (default: ``parallel.devices``, else 8)
     with abstract inputs (nothing is allocated), optionally with ``layers`` blocks only."""
@@ -134,20 +160,13 @@ def compile_step(cfg: Config, n: int | None = None, layers: int | None = None) -
         cfg = with_layers(cfg, layers)
     devs = devices(n)
     t0 = time.perf_counter()
-    _, _, step, state, tokens = build_step(cfg, devs)
     # The XLA:GPU flags train.py would set (async collectives, combining, pipelining).
     typed = lambda v: {"true": True, "false": False}.get(v, int(v) if v.isdigit() else v)
     options = ({k: typed(v) for k, v in GPU_OVERLAP_FLAGS.items()}
                if cfg.run.gpu_overlap_flags else {})
-    import jax
-
-    # A persistent compilation cache cannot reload compile-only executables: skip it.
-    cached = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
+    with compile_only():
+        _, _, step, state, tokens = build_step(cfg, devs)
         compiled = _compile(step.lower(state, tokens), options)
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cached)
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     memory = Memory(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,

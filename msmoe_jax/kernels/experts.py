@@ -65,14 +65,6 @@ def tiles_of(cfg: KernelConfig) -> Tiles:
     return Tiles(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
 
 
-def grouped_dot(cfg: KernelConfig, interpret: bool | None = None) -> GroupedDot:
-    """The grouped GEMM ``cfg`` selects: ``jax.lax.ragged_dot`` or the Pallas kernel.
-    ``interpret``: run the kernel in the Pallas interpreter (default: off GPU)."""
-    if cfg.resolved == "pallas":
-        return pallas_dot(tiles_of(cfg), interpret)
-    return jax.lax.ragged_dot
-
-
 def kernel_experts(cfg: KernelConfig, interpret: bool | None = None) -> ExpertsFn:
     """Local (not expert-parallel) experts on the Pallas kernel, fused or not per ``cfg``."""
     if cfg.fuse_permute:

@@ -53,13 +53,22 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     implementation: str = "xla") -> jax.Array:
     """Reference attention core on full sequences.
 
     q: [b, s, heads, d]; k, v: [b, s, kv_heads, d] with kv_heads dividing heads (GQA).
     Returns [b, s, heads, d]. A sequence-parallel implementation replaces this function.
+
+    ``implementation``: "xla" (any backend; materialises the [s, s] scores) or "cudnn"
+    (cuDNN flash attention, GPU only: bf16/fp16, head dim a multiple of 8 up to 128, or 256
+    on Hopper; takes the fewer KV heads as they are, and skips the masked half).
     """
+    if implementation not in ("xla", "cudnn"):
+        raise ValueError(f"kernel.attention must be 'xla' or 'cudnn', got {implementation!r}")
     q, k, v = (tag(a, ATTN_QKV) for a in (q, k, v))
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 

@@ -211,13 +211,21 @@ def grouped_experts(dot: GroupedDot = jax.lax.ragged_dot) -> ExpertsFn:
         num_experts = w.w_gate.shape[0]
         capacity = local_capacity(t, k, num_experts, capacity_factor)
         s = sort_by_expert(expert_idx, num_experts)
-        xs = tag(x[s.token], MOE_DISPATCHED)  # [A, d]
-        gs = s.counts.astype(jnp.int32)
-        h = jax.nn.silu(dot(xs, w.w_gate, gs)) * dot(xs, w.w_up, gs)
+        out = grouped_swiglu(x[s.token], w, s.counts, dot)  # [A, d]
         keep, dropped = capacity_keep(s, capacity)
-        return combine(dot(h, w.w_down, gs), keep, s, gates), dropped
+        return combine(out, keep, s, gates), dropped
 
     return experts
+
+
+def grouped_swiglu(xs: jax.Array, w: ExpertWeights, group_sizes: jax.Array,
+                   dot: GroupedDot) -> jax.Array:
+    """Each expert's SwiGLU on its rows: xs [R, d] grouped by expert (``group_sizes`` [E]
+    rows each, padding rows after them give zeros) -> [R, d]."""
+    xs = tag(xs, MOE_DISPATCHED)
+    gs = group_sizes.astype(jnp.int32)
+    h = jax.nn.silu(dot(xs, w.w_gate, gs)) * dot(xs, w.w_up, gs)
+    return dot(h, w.w_down, gs)
 
 
 def capacity_keep(s: SortedAssignments, capacity: int | None):

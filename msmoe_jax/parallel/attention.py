@@ -23,9 +23,10 @@ from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel.collective_matmul import apply_scatter, gather_apply
 
 
-def ulysses_attention(axes: C.Axes, n: int, chunks: int = 1):
+def ulysses_attention(axes: C.Axes, n: int, chunks: int = 1, implementation: str = "xla"):
     """Attention core for sequence shards. q: [b, s/n, h, hd]; k, v: [b, s/n, kv, hd]
     -> [b, s/n, h, hd]. Needs h % n == 0 and kv dividing or divisible by n.
+    ``implementation``: the local attention's, as ``causal_attention``'s.
 
     ``chunks`` > 1 splits the heads into that many groups, each exchanged and attended on its
     own, so one group's all_to_alls overlap another's attention (needs h and the KV heads,
@@ -41,23 +42,23 @@ def ulysses_attention(axes: C.Axes, n: int, chunks: int = 1):
         for i, (qc, kc, vc) in enumerate(zip(split(q), split(k), split(v))):
             with jax.named_scope(f"ulysses/chunk{i}"):
                 qc, kc, vc = (C.seq_to_heads(a, axes) for a in (qc, kc, vc))
-                outs.append(C.heads_to_seq(causal_attention(qc, kc, vc), axes))
+                outs.append(C.heads_to_seq(causal_attention(qc, kc, vc, implementation), axes))
         return jnp.concatenate(outs, axis=2)
 
     return attention
 
 
-def tensor_attention(axes: C.Axes, n: int, kv_sharded: bool):
+def tensor_attention(axes: C.Axes, n: int, kv_sharded: bool, implementation: str = "xla"):
     """Attention core for local heads on full sequences. q: [b, s, h/n, hd]; k, v hold kv/n
     local heads when ``kv_sharded``, else all kv heads (replicated weights, kv < n), of which
-    this device's query heads use one."""
+    this device's query heads use one. ``implementation`` as ``causal_attention``'s."""
 
     def attention(q, k, v):
         if not kv_sharded and n > 1:
             head = C.index(axes) * k.shape[2] // n
             k = jax.lax.dynamic_slice_in_dim(k, head, 1, axis=2)
             v = jax.lax.dynamic_slice_in_dim(v, head, 1, axis=2)
-        return causal_attention(q, k, v)
+        return causal_attention(q, k, v, implementation)
 
     return attention
 

@@ -148,9 +148,6 @@ class Layout:
             need(m.moe_mode == "dropless", "parallel.chunks",
                  "chunks > 1 needs model.moe_mode='dropless' (capacity is pooled over all of a "
                  "layer's tokens), got 'capacity'")
-            need(p.all_to_all != "ragged", "parallel.chunks",
-                 "chunks > 1 runs the padded all_to_all or the all_gather dispatch; set "
-                 "parallel.all_to_all to 'padded' or 'auto', not 'ragged'")
             tokens = t.batch_size // micro * t.seq_len // seq_split
             need(tokens % c == 0, "parallel.chunks",
                  f"must divide the tokens per device ({tokens}), got {c}")
@@ -160,14 +157,12 @@ class Layout:
             # all_gather/reduce-scatter T*(n-1): equal bytes at k = n (the paper measured the
             # gather faster from top-k > 6 at n = 8).
             dispatch = "all_gather" if m.top_k >= sizes["expert"] > 1 else "all_to_all"
-        if cfg.kernel.resolved == "pallas" and sizes["expert"] * sizes["expert_tensor"] > 1:
+        if cfg.kernel.grouped_gemm == "pallas" and sizes["expert"] * sizes["expert_tensor"] > 1:
             # With expert parallelism the grouped GEMM runs in the ragged all_to_all dispatch.
-            need(dispatch == "all_to_all" and p.all_to_all != "padded" and c == 1,
-                 "kernel.grouped_gemm",
+            need(dispatch == "all_to_all" and p.all_to_all != "padded", "kernel.grouped_gemm",
                  "'pallas' with expert parallelism needs the ragged all_to_all dispatch "
-                 "(parallel.dispatch all_to_all, parallel.all_to_all ragged or auto, "
-                 f"parallel.chunks 1); got dispatch {dispatch!r}, all_to_all {p.all_to_all!r}, "
-                 f"chunks {c}")
+                 "(parallel.dispatch all_to_all, parallel.all_to_all ragged or auto); got "
+                 f"dispatch {dispatch!r}, all_to_all {p.all_to_all!r}")
         z = cfg.compression
         if p.collective_matmul != "off":
             rings = sizes["tensor"] > 1 or (p.attention == "tensor" and seq_split > 1)

@@ -4,7 +4,7 @@ An expert-parallel experts function is five stages (``Stages``):
 
     plan = route(expert_idx)             bookkeeping on integers (sort by expert, ...)
     recv = send(x, plan)                 dispatch: linear in x, holds the collective
-    out  = ffn(recv, w)                  the local experts' GEMMs
+    out  = ffn(recv, w, plan)            the local experts' GEMMs
     back = ret(out, plan)                return: linear in out, holds the collective
     y    = finish(back, gates, plan)     gate-weighted combine (+ its collective, if any)
 
@@ -39,13 +39,13 @@ class Stages(NamedTuple):
     ret: Callable  # (out, plan) -> back; linear in out
     finish: Callable  # (back, gates [T, k], plan) -> y [T, d]
     dropped: Callable  # (plan) -> [] assignments dropped by capacity (float32)
-    ffn: Callable = expert_ffn  # (recv, ExpertWeights) -> out
+    ffn: Callable = lambda recv, w, plan: expert_ffn(recv, w)  # (recv, weights, plan) -> out
     recompute_send: bool = False  # store x and redo ``send`` in the backward
 
 
 def compose(stages: Stages, x, plan, gates, w: ExpertWeights):
     """The stages run once on all tokens (plan = ``route(expert_idx)``): [T, d] -> [T, d]."""
-    back = stages.ret(stages.ffn(stages.send(x, plan), w), plan)
+    back = stages.ret(stages.ffn(stages.send(x, plan), w, plan), plan)
     return stages.finish(back, gates, plan)
 
 
@@ -76,7 +76,7 @@ def _forward(stages, plans, xs, gs, w):
     for i, (plan, x, g) in enumerate(zip(plans, xs, gs)):
         with jax.named_scope(f"chunk{i}"):
             recv = stages.send(x, plan)
-            back = stages.ret(stages.ffn(recv, w), plan)
+            back = stages.ret(stages.ffn(recv, w, plan), plan)
             ys.append(stages.finish(back, g, plan))
         recvs.append(recv)
         backs.append(back)
@@ -107,7 +107,7 @@ def _make_pipeline(stages: Stages):
                 # The experts keep their rows' shape and dtype, so recv stands in for out.
                 dout = _transpose(lambda o, plan=plan: stages.ret(o, plan), recv)(dback)
                 # Data gradient only: recomputes the SwiGLU input from the dispatched rows.
-                _, ffn_vjp = jax.vjp(lambda r: stages.ffn(r, w), recv)
+                _, ffn_vjp = jax.vjp(lambda r, plan=plan: stages.ffn(r, w, plan), recv)
                 drecv, = ffn_vjp(dout)
                 dxs.append(_transpose(send, dy)(drecv))  # x has y's type
                 dgs.append(dg)
@@ -115,9 +115,9 @@ def _make_pipeline(stages: Stages):
                 douts.append(dout)
         # Weight gradients last, summed over chunks (in float32).
         dw = None
-        for i, (recv, dout) in enumerate(zip(recvs, douts)):
+        for i, (plan, recv, dout) in enumerate(zip(plans, recvs, douts)):
             with jax.named_scope(f"chunk{i}_wgrad"):
-                _, w_vjp = jax.vjp(lambda w, recv=recv: stages.ffn(recv, w), w)
+                _, w_vjp = jax.vjp(lambda w, recv=recv, plan=plan: stages.ffn(recv, w, plan), w)
                 g, = w_vjp(dout)
             g = jax.tree.map(lambda a: a.astype(jnp.float32), g)
             dw = g if dw is None else jax.tree.map(jnp.add, dw, g)

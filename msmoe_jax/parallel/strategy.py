@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from msmoe_jax.config import Config
-from msmoe_jax.kernels.experts import grouped_dot, kernel_experts
+from msmoe_jax.kernels.experts import kernel_experts, pallas_dot, tiles_of
 from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.model.remat import remat_policy
 from msmoe_jax.objective import COUNTS, loss_terms
@@ -27,54 +27,58 @@ from msmoe_jax.parallel.attention import (gather_sequence, gather_then, scoped, 
                                           then_scatter, ulysses_attention)
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel import fp8
-from msmoe_jax.parallel.experts import (experts_all_gather, experts_all_to_all,
-                                        experts_ragged_all_to_all)
+from msmoe_jax.parallel.choices import Choices, resolve
+from msmoe_jax.parallel.experts import (Group, Wires, experts_all_gather,
+                                        experts_padded_all_to_all, experts_ragged_all_to_all)
 from msmoe_jax.parallel.grad_exchange import exchange_gradients, vary_replicas
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, is_gpu
 
 
-def make_ops(cfg: Config, layout: Layout, gpu: bool = False) -> LayerOps:
-    """The LayerOps for ``layout``: per-device pieces that communicate over its mesh axes.
-    ``gpu``: the mesh is made of GPUs (``mesh.is_gpu``), real or compile-only."""
+def make_ops(cfg: Config, layout: Layout, choices: Choices) -> LayerOps:
+    """The LayerOps for ``layout``: per-device pieces that communicate over its mesh axes,
+    implemented as ``choices`` (``choices.resolve``) says."""
     size = layout.sizes
     seq, n_seq = layout.seq_axes, size["sequence"] * size["tensor"]
     tensor = layout.axes["tensor"]
     ring = cfg.parallel.collective_matmul
     z = cfg.compression
     wire = lambda fmt: fp8.wire(z.channel_group) if fmt == "fp8" else C.EXACT
-    send, back, tp = wire(z.dispatch), wire(z.combine), wire(z.tensor)
+    wires = Wires(wire(z.dispatch), wire(z.combine), wire(z.tensor))
+    impl = choices.attention
     if layout.attention == "ulysses":
         attention = dict(attention=ulysses_attention(
             seq, n_seq, head_chunks(cfg.parallel.chunks, n_seq, cfg.model.num_heads,
-                                    layout.num_kv_heads)))
+                                    layout.num_kv_heads), impl))
     else:
         kv_sharded = layout.num_kv_heads % n_seq == 0
-        attention = dict(attention_in=gather_sequence(seq, n_seq, ring, tp),
-                         attention=tensor_attention(seq, n_seq, kv_sharded),
-                         attention_out=scoped(then_scatter(seq, n_seq, ring, tp),
+        attention = dict(attention_in=gather_sequence(seq, n_seq, ring, wires.tensor),
+                         attention=tensor_attention(seq, n_seq, kv_sharded, impl),
+                         attention_out=scoped(then_scatter(seq, n_seq, ring, wires.tensor),
                                               "tensor_attention"))
-    expert, et = layout.axes["expert"], layout.axes["expert_tensor"]
-    pallas = cfg.kernel.resolved == "pallas"
-    # The chunked pipeline runs the padded exchange (its stages have static shapes).
-    ragged = cfg.parallel.all_to_all == "ragged" or (
-        cfg.parallel.all_to_all == "auto" and (gpu or pallas) and cfg.parallel.chunks == 1)
-    if size["expert"] == 1 and size["expert_tensor"] == 1:
-        experts = kernel_experts(cfg.kernel, not gpu) if pallas else local_experts(
-            cfg.model.expert_compute, gpu)
-    elif layout.dispatch == "all_gather":
-        experts = experts_all_gather(expert, size["expert"], et, size["expert_tensor"], ring,
-                                     cfg.parallel.chunks, send, back)
-    elif ragged:
-        exchange = C.ragged_exchange if gpu else C.ragged_exchange_padded
-        experts = experts_ragged_all_to_all(expert, size["expert"], et, size["expert_tensor"],
-                                            exchange, grouped_dot(cfg.kernel, not gpu), send, back, tp)
+    group = Group(layout.axes["expert"], size["expert"], layout.axes["expert_tensor"],
+                  size["expert_tensor"])
+    tiles = tiles_of(cfg.kernel)
+    dot = (pallas_dot(tiles, choices.interpret) if choices.grouped_gemm == "pallas"
+           else jax.lax.ragged_dot)
+    chunks, bf = choices.chunks, choices.buffer_factor
+    if choices.experts == "local":
+        if choices.local_compute == "ragged_dot" and choices.grouped_gemm == "pallas":
+            experts = kernel_experts(cfg.kernel, choices.interpret)
+        else:
+            experts = local_experts(choices.local_compute)
+    elif choices.experts == "all_gather":
+        experts = experts_all_gather(group, wires, chunks, ring, bf)
+    elif choices.experts == "ragged":
+        move = C.ragged_exchange if choices.gpu else C.ragged_exchange_padded
+        experts = experts_ragged_all_to_all(group, wires, chunks, bf, move, dot)
     else:
-        experts = experts_all_to_all(expert, size["expert"], et, size["expert_tensor"],
-                                     cfg.parallel.chunks, send, back, tp)
+        experts = experts_padded_all_to_all(group, wires, chunks, bf)
     n_tensor = size["tensor"]
     return LayerOps(**attention,
-                    ffn_in=scoped(gather_then(tensor, n_tensor, ring, tp), "tensor_ffn"),
-                    ffn_out=scoped(then_scatter(tensor, n_tensor, ring, tp), "tensor_ffn"),
+                    ffn_in=scoped(gather_then(tensor, n_tensor, ring, wires.tensor),
+                                  "tensor_ffn"),
+                    ffn_out=scoped(then_scatter(tensor, n_tensor, ring, wires.tensor),
+                                   "tensor_ffn"),
                     experts=experts, remat_policy=remat_policy(cfg.train.remat))
 
 
@@ -117,8 +121,8 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
     scalars averaged over the micro-batches (``loss`` among them) and the per-layer counts
     of ``objective.COUNTS`` summed over them.
     """
-    gpu = is_gpu(mesh)
-    ops = make_ops(cfg, layout, gpu)
+    choices = resolve(cfg, layout, is_gpu(mesh))
+    ops = make_ops(cfg, layout, choices)
     steps = cfg.train.grad_accum_steps
     sizes = dict(layout.mesh_axes)
     # Sums over the batch whose backward hands each device the gradient of the sum.
@@ -155,7 +159,7 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
     # blocks, which jax 0.10's check rejects; and the BF16 gradient all_gather, whose result
     # is the same on every replica but typed varying (jax 0.10 has no invariant all_gather).
     # The tests compare both paths' gradients with the single-device reference.
-    interpreted = cfg.kernel.resolved == "pallas" and not gpu
+    interpreted = choices.pallas and choices.interpret
     check = not interpreted and cfg.compression.gradients == "fp32"
     sharded = jax.shard_map(
         per_device, mesh=mesh,
