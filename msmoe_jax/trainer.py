@@ -177,6 +177,31 @@ def write_tensorboard(writer, record: dict) -> None:
     writer.flush()
 
 
+OVERFLOW_WARN = 0.01  # dropless runs: warn when more of the assignments than this overflow
+
+
+class OverflowWatch:
+    """Dropless runs lose no assignment to capacity, so any ``dropped_frac`` is rows that did
+    not fit the bounded exchange buffers (``parallel.buffer_factor``): warn past
+    ``OVERFLOW_WARN``, at the first such step and then at most every ``every`` steps."""
+
+    def __init__(self, cfg: Config, every: int = 100):
+        self.factor = cfg.parallel.buffer_factor
+        self.active = cfg.model.moe_mode == "dropless" and cfg.model.num_experts > 0
+        self.every, self.last = every, None
+
+    def check(self, record: dict) -> str | None:
+        frac, step = record.get("dropped_frac", 0.0), record["step"]
+        if not self.active or frac <= OVERFLOW_WARN:
+            return None
+        if self.last is not None and step - self.last < self.every:
+            return None
+        self.last = step
+        return (f"warning: step {step}: {frac:.1%} of the expert assignments overflowed the "
+                f"dropless exchange buffers (parallel.buffer_factor={self.factor}) and were "
+                "dropped; raise parallel.buffer_factor, or set it to 'worst_case'")
+
+
 def to_record(metrics: dict) -> dict:
     """Device metrics as JSON values: floats, and nested lists for the per-layer arrays."""
     return {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
@@ -266,6 +291,7 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
              f"{cfg.train.steps} (raise train.steps to continue it)")
     log = MetricsLog(run_dir, cfg.train.steps, start, cfg.run.progress, cfg.run.tensorboard)
     profile = Profile(run_dir / "profile", start + 1, cfg.run.profile_steps)
+    overflow = OverflowWatch(cfg)
     history = []
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
     t_last, steps_since, metrics = None, 0, None
@@ -296,6 +322,8 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
                     raise FloatingPointError(f"loss is {record['loss']} at step {done}; "
                                              "lower optimizer.lr or check the data")
                 log.write(record)
+                if warning := overflow.check(record):
+                    info(warning)
                 history.append(record)
             if ckpt is not None:
                 ckpt.save(done, state, data.get_state(), force=done == cfg.train.steps)

@@ -132,11 +132,12 @@ KERNEL = {"grouped_gemm": "pallas", "block_m": 16, "block_n": 16, "block_k": 16}
 
 @pytest.mark.parametrize("parallel,fuse", [
     ({"data": 8}, True),
-    ({"data": 2, "sequence": 4, "expert_data": 1, "expert": 8, **RAGGED}, False),
-], ids=["data8-fused", "seq4xdata2-ep8-ragged"])
+    ({"expert_data": 1, "expert": 4, "expert_tensor": 2, **RAGGED, "chunks": 2}, False),
+], ids=["data8-fused", "data8-ep4xetp2-ragged-chunks2"])
 def test_model_with_pallas_kernel_matches_reference(parallel, fuse):
     """The whole model (loss, metrics, every gradient) with kernel.grouped_gemm=pallas equals
-    the single-device reference, without and with expert parallelism."""
+    the single-device reference, without and with expert parallelism (the ragged exchange in
+    Megatron's order over expert_tensor devices, in the chunked pipeline)."""
     compiled = check_against_reference(parallel, {**MODEL, "expert_compute": "ragged_dot"},
                                        kernel={**KERNEL, "fuse_permute": fuse})
     assert "grouped_gemm" in compiled.as_text()  # the kernel really ran (interpreted)

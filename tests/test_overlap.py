@@ -6,7 +6,7 @@ import re
 import pytest
 
 from msmoe_jax.steptime.hlo import dependents, flops, parse
-from test_parallel import A2A, AG, MODEL, check_against_reference
+from test_parallel import A2A, AG, MODEL, RAGGED, check_against_reference
 
 RING, BIDIR = {"collective_matmul": "ring"}, {"collective_matmul": "bidirectional"}
 SCHEDULES = {
@@ -26,6 +26,8 @@ SCHEDULES = {
     "seq2xdata2xtp2-ep4xetp2-a2a-chunks4": (
         {"data": 2, "sequence": 2, "tensor": 2, "expert_data": 1, "expert": 4,
          "expert_tensor": 2, **A2A, "chunks": 4}, {"num_heads": 16}),
+    "seq4xdata2-ep8-ragged-chunks2": (
+        {"data": 2, "sequence": 4, "expert_data": 1, "expert": 8, **RAGGED, "chunks": 2}, {}),
     "seq4xdata2-ep4xed2-gather-chunks2": (
         {"data": 2, "sequence": 4, "expert_data": 2, "expert": 4, **AG, "chunks": 2}, {}),
 }

@@ -53,6 +53,10 @@ LAYOUTS = {
     "data8-ep4xetp2-gather": ({"expert_data": 1, "expert": 4, "expert_tensor": 2, **AG}, {}),
     "seq4xdata2-ep8-ragged": ({"data": 2, "sequence": 4, "expert_data": 1, "expert": 8,
                                **RAGGED}, {}),
+    # Megatron's order: each device sends its own tokens over "expert", then the expert_tensor
+    # devices gather what arrived.
+    "data8-ep4xetp2-ragged": ({"expert_data": 1, "expert": 4, "expert_tensor": 2, **RAGGED},
+                              {}),
     "data8-ep2xed2xetp2-ragged-capacity": (
         {"expert_data": 2, "expert": 2, "expert_tensor": 2, **RAGGED}, CAPACITY),
 }

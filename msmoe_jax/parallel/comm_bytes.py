@@ -14,8 +14,11 @@ from msmoe_jax.steptime.hlo import (Routing, all_arrays, collective_arrays, coll
                                     flatten, parse, replica_groups)
 
 # Named scopes (``jax.named_scope``) that the parallel code puts around its collectives; the
-# op_name metadata of the compiled ops (forward and backward) carries them.
-SCOPES = ("ulysses", "tensor_attention", "tensor_ffn", "moe_dispatch", "grad_exchange")
+# op_name metadata of the compiled ops (forward and backward) carries them. The first found
+# names a collective: "expert_tensor" (the gathers/scatters over expert_tensor devices inside
+# a node, around the expert exchange) sits inside "moe_dispatch".
+SCOPES = ("ulysses", "tensor_attention", "tensor_ffn", "expert_tensor", "moe_dispatch",
+          "grad_exchange")
 
 
 @dataclasses.dataclass(frozen=True)

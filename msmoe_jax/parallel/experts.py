@@ -155,7 +155,8 @@ def padded_stages(g: Group, wires: Wires, e_local: int, capacity_factor,
         c = rows(x.shape[0], plan.s.token.shape[0] // x.shape[0])
         # Block j to device j; ``pack`` copies each token's row into its experts' buffers.
         recv = wires.dispatch.exchange(x, g.expert, lambda a, p: pack(a, *p, c), plan)
-        recv = wires.tensor.gather(recv, g.tensor, 0)  # [m * n * E/n, C, d]
+        with jax.named_scope("expert_tensor"):
+            recv = wires.tensor.gather(recv, g.tensor, 0)  # [m * n * E/n, C, d]
         return recv.reshape(m, n, e_local, c, -1).transpose(2, 0, 1, 3, 4).reshape(
             e_local, m * n * c, -1)  # [E/n, m*n*C, d]
 
@@ -163,7 +164,8 @@ def padded_stages(g: Group, wires: Wires, e_local: int, capacity_factor,
         c = out.shape[1] // (m * n)
         out = out.reshape(e_local, m, n, c, -1).transpose(1, 2, 0, 3, 4).reshape(
             m * num_experts, c, -1)
-        out = wires.tensor.reduce_scatter(out, g.tensor, 0)  # summed over the width slices
+        with jax.named_scope("expert_tensor"):  # summed over the width slices
+            out = wires.tensor.reduce_scatter(out, g.tensor, 0)
         return wires.combine.exchange(out, g.expert)  # [E, C, d]: my tokens' rows
 
     def finish(back, gates, plan):
@@ -186,19 +188,26 @@ class RaggedPlan(NamedTuple):
     sizes: jax.Array  # [E/n] rows per local expert
 
 
+def receive_rows(g: Group, e_local: int, t: int, k: int, capacity_factor,
+                 buffer_factor: float | None) -> int:
+    """Rows of a device's ragged receive buffer (before the expert_tensor gather), for t local
+    tokens routed to k experts each: the balanced load t*k x ``buffer_factor`` (dropless; None:
+    the worst case, every token of every source choosing this device's experts) or what its
+    experts' capacity takes."""
+    worst = g.n * t * min(k, e_local)
+    if capacity_factor is not None:
+        return min(worst, e_local * expert_capacity(t * g.n * g.m, k, e_local * g.n,
+                                                    capacity_factor))
+    return bounded(t * k, worst, buffer_factor)
+
+
 def ragged_stages(g: Group, wires: Wires, e_local: int, capacity_factor,
                   buffer_factor: float | None, move, dot: GroupedDot) -> Stages:
     """Only routed rows move. Each device's receive buffer holds O rows: the balanced load T*k
     x ``buffer_factor`` (dropless) or what its experts' capacity allows; sources fill it in
     device order and rows past its end are dropped."""
     n, m, num_experts = g.n, g.m, e_local * g.n
-
-    def recv_rows(t: int, k: int) -> int:
-        worst = n * t * min(k, e_local)
-        if capacity_factor is not None:
-            return min(worst, e_local * expert_capacity(t * n * m, k, num_experts,
-                                                        capacity_factor))
-        return bounded(t * k, worst, buffer_factor)
+    recv_rows = lambda t, k: receive_rows(g, e_local, t, k, capacity_factor, buffer_factor)
 
     def route(expert_idx):
         t, k = expert_idx.shape
@@ -239,13 +248,16 @@ def ragged_stages(g: Group, wires: Wires, e_local: int, capacity_factor,
         o = recv_rows(x.shape[0], plan.rows.shape[0] // x.shape[0])
         recv = wires.dispatch.ragged(x, plan.there, plan.back, o, move, g.expert,
                                      lambda a, r: a[r], plan.rows)  # [O, d]
-        return wires.tensor.gather(recv, g.tensor, 0)[plan.regroup]  # [m*O, d] by expert
+        with jax.named_scope("expert_tensor"):
+            recv = wires.tensor.gather(recv, g.tensor, 0)
+        return recv[plan.regroup]  # [m*O, d] by local expert
 
     def ffn(rows, w, plan):
         return grouped_swiglu(rows, w, plan.sizes, dot)
 
     def ret(out, plan):
-        out = wires.tensor.reduce_scatter(out[plan.unregroup], g.tensor, 0)  # [O, d]
+        with jax.named_scope("expert_tensor"):
+            out = wires.tensor.reduce_scatter(out[plan.unregroup], g.tensor, 0)  # [O, d]
         return wires.combine.ragged(out, plan.back, plan.there, plan.rows.shape[0], move,
                                     g.expert)  # [A, d] in send-buffer order
 

@@ -124,16 +124,20 @@ def dot_flops(instr: Instr, shapes: dict[str, tuple[int, ...]]) -> float:
     return 2.0 * out * contracted
 
 
-def flops(instr: Instr, comps: dict[str, list[Instr]], shapes: dict) -> float:
+def flops(instr: Instr, comps: dict[str, list[Instr]], shapes: dict,
+          routing: Routing | None = None) -> float:
     """Matmul FLOPs of an instruction, looking inside the computations it calls (fusions);
-    other arithmetic is counted as memory traffic, not FLOPs."""
+    other arithmetic is counted as memory traffic, not FLOPs. The Pallas grouped GEMMs are
+    modelled (``kernel_flops``) under ``routing``."""
     if instr.op == "dot":
         return dot_flops(instr, shapes)
+    if instr.op == "custom-call":
+        return kernel_flops(instr, shapes, routing or Routing())
     total = 0.0
     for callee in instr.calls:
         body = comps.get(callee, [])
         inner = {i.name: i.arrays[0][1] for i in body if i.arrays}
-        total += sum(flops(i, comps, inner) for i in body)
+        total += sum(flops(i, comps, inner, routing) for i in body)
     return total
 
 
@@ -194,11 +198,44 @@ def _top_level(text: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-    """How routed rows spread, for costing ``ragged-all-to-all`` by the rows it carries
-    rather than its (worst-case) buffer: ``skew`` = the busiest device's rows / the balanced
-    share (1.0: balanced routing)."""
+    """How routed rows spread, for costing what the HLO cannot say: ``ragged-all-to-all`` by
+    the rows it carries rather than its buffer (``skew`` = the busiest device's rows / the
+    balanced share; 1.0: balanced routing), and the project's Pallas grouped GEMMs (opaque
+    Triton custom calls) by the routed rows of their buffers: ``fill`` = buffer rows per
+    routed row at balanced routing (``parallel.buffer_factor`` for the ragged exchange's
+    receive buffer, 1.0 where the buffer holds exactly the routed rows), ``tile_rows`` the
+    kernel's row tile (``kernel.block_m``)."""
 
     skew: float = 1.0
+    fill: float = 1.0
+    tile_rows: int = 128
+
+
+KERNELS = ("grouped_gemm_wgrad/", "grouped_gemm/")  # msmoe_jax/kernels/grouped_gemm.py
+
+
+def kernel_flops(instr: Instr, shapes: dict[str, tuple[int, ...]],
+                 routing: Routing = Routing()) -> float:
+    """Modelled FLOPs of a Pallas grouped-GEMM custom call (0 for any other instruction).
+
+    Its tiles cover only each group's rows (``kernels/grouped_gemm.py``): 2 x R x K x N over
+    R = the routed rows (the buffer's rows / ``routing.fill``, times ``routing.skew``) plus
+    one row tile per group where tiles straddle groups, never more than the whole buffer.
+    ``grouped_gemm``: result [R_buf, N], left operand (second to last) [., K], weights (last)
+    [G, ., .]. ``grouped_gemm_wgrad``: result [G, K, N], buffer rows from operand 2."""
+    if "__gpu$xla.gpu.triton" not in instr.attrs or not instr.arrays:
+        return 0.0
+    kind = next((k for k in KERNELS if k in instr.op_name), None)
+    ops = [shapes.get(o) for o in instr.operands]
+    if kind is None or any(o is None for o in ops):
+        return 0.0
+    out = instr.arrays[0][1]
+    if kind == "grouped_gemm/":
+        buffer, k, n, groups = out[0], ops[-2][1], out[1], ops[-1][0]
+    else:
+        buffer, k, n, groups = ops[2][0], out[1], out[2], out[0]
+    rows = min(buffer, buffer / routing.fill * routing.skew + groups * routing.tile_rows)
+    return 2.0 * rows * k * n
 
 
 def collective_payload(instr: Instr, arrays_of: dict | None = None,

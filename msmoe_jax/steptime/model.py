@@ -199,7 +199,7 @@ def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
             ops.append(Op(step.name, "comm", collective_seconds(kind, payload, group, hw), deps,
                           scope))
             continue
-        f = flops(instr, comps, shapes)
+        f = flops(instr, comps, shapes, routing)
         scope = flop_scope(instr.op_name)
         by_scope[scope] = by_scope.get(scope, 0.0) + f
         moved = instr.result_bytes + sum(
