@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from msmoe_jax.config import load_config
     from msmoe_jax.parallel.comm_bytes import human
     from msmoe_jax.plan import compile_plan, memory_table, plan
-    from msmoe_jax.steptime.report import analyse
+    from msmoe_jax.steptime.report import analyse, expert_recompute
 
     memory_rows, work_rows = [], []
     for name in args.configs:
@@ -57,18 +57,22 @@ def main(argv=None) -> int:
                            else "-")
         total = sum(r.executed.values()) / sum(r.useful.values())
         moved = r.moved.get("moe_dispatch", 0.0)
+        planned = r.useful.get("experts", 0.0) * (1 + expert_recompute(cfg))
         work_rows.append(
-            f"| {name} | {ratio('attention')} | {ratio('experts')} | {total:.2f}x | "
-            f"{human(moved)} | {human(r.routed) if r.routed else '-'} | "
+            f"| {name} | {ratio('attention')} | {ratio('experts')} | "
+            f"{r.executed.get('experts', 0.0) / planned:.2f}x | {total:.2f}x | "
+            f"{human(moved)} | {human(r.moved.get('expert_tensor', 0.0))} | "
+            f"{human(r.routed) if r.routed else '-'} | "
             f"{(f'{moved / r.routed:.1f}x' if r.routed else '-')} | "
             f"{sum(r.exposed.values()) * 1e3:,.1f} | {r.step * 1e3:,.1f} | {r.mfu:.1%} |")
         print(f"{name}: compiled in {seconds:.0f}s", file=sys.stderr, flush=True)
     fields = list(gib)  # the memory table's rows, the same for every config
     out = ["| config | GPUs | layers compiled | " + " | ".join(f"{f} GiB" for f in fields)
            + " | fits 80 GB (90%) |", "|---" * (4 + len(fields)) + "|", *memory_rows, "",
-           "| config | attention exec/useful | experts exec/useful | all matmuls exec/useful "
-           "| expert exchange moved | routed rows | moved/routed | exposed comm ms | step ms "
-           "| MFU |", "|---" * 10 + "|", *work_rows]
+           "| config | attention exec/useful | experts exec/useful | experts exec/(useful + "
+           "remat) | all matmuls exec/useful | expert exchange moved | expert_tensor moved "
+           "| routed rows | moved/routed | exposed comm ms | step ms | MFU |",
+           "|---" * 12 + "|", *work_rows]
     text = "\n".join(out)
     print(text)
     if args.out:

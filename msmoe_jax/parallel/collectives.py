@@ -11,6 +11,7 @@ import functools
 from typing import Callable, NamedTuple
 
 import jax
+import numpy as np
 
 Axes = tuple[str, ...]
 
@@ -135,11 +136,39 @@ def exchange_rows(x, axes: Axes, select=None, plan=()):
 def ragged_rows(x, there, back, out_rows: int, move, axes: Axes, select=None, plan=None):
     """The rows ``select(x, plan)`` (default x) [A, d] moved by ``move`` (``ragged_exchange``
     or its padded emulation) into a zero buffer [out_rows, d]; ``there`` = (input_offsets,
-    send_sizes, output_offsets, recv_sizes). ``back`` is the move's transpose (the FP8
-    version's backward sends along it; here autodiff transposes ``move`` itself)."""
-    del back
-    x = x if select is None else select(x, plan)
-    return move(x, landing(out_rows, x, axes, *there), *there, axes)
+    send_sizes, output_offsets, recv_sizes). The backward sends the cotangent's rows back
+    along ``back`` (the move's transpose), which the caller knows already: autodiff of
+    ``ragged_all_to_all`` would first exchange the offsets with an extra all_to_all."""
+    select = select or (lambda a, _: a)
+    in_rows = jax.eval_shape(select, x, plan).shape[0]
+    forth = lambda w, p: move(w, landing(out_rows, w, axes, *p[1]), *p[1], axes)
+    back_ = lambda w, p: move(w, landing(in_rows, w, axes, *p[2]), *p[2], axes)
+    return moved_along(x, (plan, there, back), lambda a, p: select(a, p[0]), forth, back_)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def moved_along(x, plan, select, move, move_back):
+    """``move(select(x, plan), plan)`` for a linear ``move`` whose transpose is ``move_back``
+    (same signature); plan: integer/bool arrays."""
+    return move(select(x, plan), plan)
+
+
+def _moved_along_fwd(x, plan, select, move, move_back):
+    return moved_along(x, plan, select, move, move_back), (x, plan)
+
+
+def _moved_along_bwd(select, move, move_back, res, ct):
+    x, plan = res
+    _, select_vjp = jax.vjp(lambda a: select(a, plan), x)  # sums a row's copies
+    return select_vjp(move_back(ct, plan))[0], no_grad(plan)
+
+
+moved_along.defvjp(_moved_along_fwd, _moved_along_bwd)
+
+
+def no_grad(tree):
+    """float0 zeros: the cotangent of integer/bool arrays."""
+    return jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), tree)
 
 
 class Wire(NamedTuple):

@@ -113,6 +113,15 @@ def run_stages(stages: Stages, chunks: int, x, expert_idx, gates, w):
     return y, sum(stages.dropped(p) for p in plans)
 
 
+def rows_at(a: jax.Array, perm: jax.Array) -> jax.Array:
+    """a[perm] for a permutation ``perm`` of a's rows, without negative-index wrapping: the
+    wrap's broadcast constant is an operand the chunks' gathers would share, and XLA:GPU then
+    fuses them into one multi-output fusion, which makes every chunk's GEMMs wait for every
+    chunk's exchange."""
+    return a.at[perm].get(mode="promise_in_bounds", unique_indices=True,
+                          wrap_negative_indices=False)
+
+
 def _dropped(plan) -> jax.Array:
     return jnp.sum(~plan.keep).astype(jnp.float32)
 
@@ -250,19 +259,19 @@ def ragged_stages(g: Group, wires: Wires, e_local: int, capacity_factor,
                                      lambda a, r: a[r], plan.rows)  # [O, d]
         with jax.named_scope("expert_tensor"):
             recv = wires.tensor.gather(recv, g.tensor, 0)
-        return recv[plan.regroup]  # [m*O, d] by local expert
+        return rows_at(recv, plan.regroup)  # [m*O, d] by local expert
 
     def ffn(rows, w, plan):
         return grouped_swiglu(rows, w, plan.sizes, dot)
 
     def ret(out, plan):
         with jax.named_scope("expert_tensor"):
-            out = wires.tensor.reduce_scatter(out[plan.unregroup], g.tensor, 0)  # [O, d]
+            out = wires.tensor.reduce_scatter(rows_at(out, plan.unregroup), g.tensor, 0)
         return wires.combine.ragged(out, plan.back, plan.there, plan.rows.shape[0], move,
                                     g.expert)  # [A, d] in send-buffer order
 
     def finish(back, gates, plan):
-        return combine_slots(back[plan.unorder], plan.keep, plan.s, gates)
+        return combine_slots(rows_at(back, plan.unorder), plan.keep, plan.s, gates)
 
     return Stages(route, send, ret, finish, _dropped, ffn)
 

@@ -88,7 +88,7 @@ def _moved_bwd(select, move, move_back, res, ct):
     x, plan = res
     rows = decode(move_back(encode(ct), plan), ct.dtype)  # cotangent of select's output
     _, select_vjp = jax.vjp(lambda a: select(a, plan), x)  # sums a row's copies, unquantised
-    return select_vjp(rows)[0], _no_grad(plan)
+    return select_vjp(rows)[0], C.no_grad(plan)
 
 
 _moved.defvjp(_moved_fwd, _moved_bwd)
@@ -154,10 +154,6 @@ def reduce_scatter(x: jax.Array, axes: C.Axes, axis: int, group: int = 128) -> j
 reduce_scatter.defvjp(
     lambda x, axes, axis, group: (reduce_scatter(x, axes, axis, group), None),
     lambda axes, axis, group, _, ct: (_gather_channels(ct, axes, axis, group) if axes else ct,))
-
-
-def _no_grad(tree):
-    return jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), tree)
 
 
 def ragged(x: jax.Array, there, back, out_rows: int, move, axes: C.Axes, select=None,

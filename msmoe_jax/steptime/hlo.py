@@ -211,31 +211,38 @@ class Routing:
     tile_rows: int = 128
 
 
-KERNELS = ("grouped_gemm_wgrad/", "grouped_gemm/")  # msmoe_jax/kernels/grouped_gemm.py
+_KERNEL = re.compile(r'name = "(grouped_gemm(?:_wgrad)?)"')  # msmoe_jax/kernels/grouped_gemm.py
 
 
 def kernel_flops(instr: Instr, shapes: dict[str, tuple[int, ...]],
                  routing: Routing = Routing()) -> float:
     """Modelled FLOPs of a Pallas grouped-GEMM custom call (0 for any other instruction).
 
-    Its tiles cover only each group's rows (``kernels/grouped_gemm.py``): 2 x R x K x N over
-    R = the routed rows (the buffer's rows / ``routing.fill``, times ``routing.skew``) plus
-    one row tile per group where tiles straddle groups, never more than the whole buffer.
-    ``grouped_gemm``: result [R_buf, N], left operand (second to last) [., K], weights (last)
-    [G, ., .]. ``grouped_gemm_wgrad``: result [G, K, N], buffer rows from operand 2."""
+    The kernels' row tiles cover only each group's rows (``kernels/grouped_gemm.py``): the
+    routed rows R (the buffer's rows / ``routing.fill``, times ``routing.skew``), split evenly
+    over the G groups, each rounded out to whole tiles: ``grouped_gemm`` runs a tile once per
+    group it touches (group g starts at row g*R/G), ``grouped_gemm_wgrad`` ceil(rows/tile)
+    tiles per group. Then 2 x rows x K x N. ``grouped_gemm``: result [R_buf, N], left operand
+    (second to last) [., K], weights (last) [G, ., .]; ``grouped_gemm_wgrad``: result
+    [G, K, N], buffer rows from operand 2."""
     if "__gpu$xla.gpu.triton" not in instr.attrs or not instr.arrays:
         return 0.0
-    kind = next((k for k in KERNELS if k in instr.op_name), None)
+    kind = _KERNEL.search(instr.attrs)
     ops = [shapes.get(o) for o in instr.operands]
     if kind is None or any(o is None for o in ops):
         return 0.0
     out = instr.arrays[0][1]
-    if kind == "grouped_gemm/":
+    if kind.group(1) == "grouped_gemm":
         buffer, k, n, groups = out[0], ops[-2][1], out[1], ops[-1][0]
     else:
         buffer, k, n, groups = ops[2][0], out[1], out[2], out[0]
-    rows = min(buffer, buffer / routing.fill * routing.skew + groups * routing.tile_rows)
-    return 2.0 * rows * k * n
+    tile = routing.tile_rows
+    size = min(buffer, buffer / routing.fill * routing.skew) / groups  # rows per group
+    if kind.group(1) == "grouped_gemm":
+        tiles = sum(math.ceil((g * size % tile + size) / tile) for g in range(groups))
+    else:
+        tiles = groups * math.ceil(size / tile)
+    return 2.0 * min(buffer, tiles * tile) * k * n
 
 
 def collective_payload(instr: Instr, arrays_of: dict | None = None,

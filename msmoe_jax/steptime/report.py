@@ -39,6 +39,18 @@ def useful_flops_per_token(m: ModelConfig, seq_len: int) -> dict[str, float]:
     }
 
 
+def expert_recompute(cfg: Config) -> float:
+    """The share of the experts' useful FLOPs that the config recomputes on purpose: of the
+    nine GEMM passes of a SwiGLU expert (3 forward, 6 backward), ``remat: full`` redoes the
+    three forward ones, ``selective`` and the chunked pipeline's backward (``chunks`` > 1) the
+    gate and up GEMMs (their outputs are not stored)."""
+    if cfg.train.remat == "full":
+        return 3 / 9
+    if cfg.train.remat == "selective" or cfg.parallel.chunks > 1:
+        return 2 / 9
+    return 0.0
+
+
 def routed_row_bytes(cfg: Config, devices: int) -> float:
     """Bytes per device per step that the expert exchange must move: every routed row sent
     once to its expert's device and once back, forward and backward (4 passes), in the wire
