@@ -35,6 +35,16 @@ def scope_of(op_name: str) -> str:
     return next((sc for sc in SCOPES if sc in op_name), "other")
 
 
+def collective_scope(instr) -> str:
+    """``scope_of`` a collective (an ``hlo.Instr``). A ragged exchange has no op_name and
+    takes its operand's: the return exchange reads the expert_tensor reduce-scatter's result
+    but crosses the ``expert`` devices, so only gathers/scatters count as expert_tensor."""
+    scope = scope_of(instr.op_name)
+    if scope == "expert_tensor" and instr.collective not in ("all-gather", "reduce-scatter"):
+        return "moe_dispatch"
+    return scope
+
+
 def moved(op: str, payload: float, n: int) -> float:
     """Bytes one device sends for a collective with ``payload`` result bytes over n devices."""
     factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0,
@@ -60,7 +70,7 @@ def collectives(hlo_text: str, num_devices: int, routing: Routing = Routing()) -
         groups = replica_groups(instr, num_devices)
         n = len(groups[0]) if op != "collective-permute" else 2
         payload = collective_payload(instr, arrays_of, routing)
-        scope = scope_of(instr.op_name)
+        scope = collective_scope(instr)
         shapes = tuple(shape for _, shape in collective_arrays(instr))
         found.append(Collective(op, scope, shapes, n, moved(op, payload, n)))
     return found

@@ -177,7 +177,7 @@ def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
     reductions (0.5 turns f32 activations back into bf16 where XLA:CPU widened them);
     ``routing`` sizes ragged all_to_alls by the rows they carry.
     """
-    from msmoe_jax.parallel.comm_bytes import scope_of
+    from msmoe_jax.parallel.comm_bytes import collective_scope
 
     entry, comps = parse(hlo_text)
     arrays_of = all_arrays(comps)
@@ -195,7 +195,7 @@ def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
                 payload *= activation_bytes_scale
             groups = replica_groups(instr, num_devices)
             group = groups[0] if kind != "collective-permute" else _permute_group(groups, hw)
-            scope = scope_of(instr.op_name)
+            scope = collective_scope(instr)
             ops.append(Op(step.name, "comm", collective_seconds(kind, payload, group, hw), deps,
                           scope))
             continue
