@@ -38,6 +38,8 @@ class Plan(NamedTuple):
     state_bytes_per_device: int  # parameters + optimizer state held by one device
     largest_replicated: tuple[str, int]  # the biggest parameter every device holds whole
     grad_bytes_per_device: int  # FP32 gradients of the parameters one device holds
+    on_gpu: str  # what the auto choices resolve to on GPUs (parallel/choices.py)
+    on_cpu: str  # ... and on CPU devices
 
 
 def plan(cfg: Config, devices: int) -> Plan:
@@ -47,6 +49,7 @@ def plan(cfg: Config, devices: int) -> Plan:
 
     from msmoe_jax.model import Transformer
     from msmoe_jax.optim import make_optimizer
+    from msmoe_jax.parallel.choices import resolve
     from msmoe_jax.parallel.mesh import Layout
     from msmoe_jax.parallel.strategy import state_specs
 
@@ -81,7 +84,9 @@ def plan(cfg: Config, devices: int) -> Plan:
     return Plan(devices, layout.describe(), sizes, sum(x.size for _, x in params),
                 held(shapes["params"], specs["params"]), held(shapes, specs),
                 max(replicated, key=lambda r: r[1], default=("", 0)),
-                held(shapes["params"], specs["params"], itemsize=4))
+                held(shapes["params"], specs["params"], itemsize=4),
+                resolve(cfg, layout, gpu=True).describe(),
+                resolve(cfg, layout, gpu=False).describe())
 
 
 class CompiledMemory(NamedTuple):
@@ -162,6 +167,8 @@ def main(argv=None) -> int:
     gib = out.state_bytes_per_device / 2**30
     print(f"{out.devices} devices: {out.describe}")
     print(f"mesh {out.mesh}")
+    print(f"on GPU: {out.on_gpu}")
+    print(f"on CPU: {out.on_cpu}")
     print(f"{out.params:,} parameters; training state (parameters + optimizer) "
           f"{gib:.1f} GiB per device; largest replicated parameter {out.largest_replicated[0]} "
           f"({out.largest_replicated[1] / 1e6:.1f}M)")

@@ -40,6 +40,18 @@ class Choices:
     buffer_factor: float | None  # dropless buffers x the balanced load; None: worst case
     chunks: int  # token chunks of the expert pipeline
 
+    def describe(self) -> str:
+        """One line: what runs the experts and attention."""
+        how = {"local": f"local ({self.local_compute})", "all_gather": "all_gather dispatch",
+               "padded": "padded all_to_all", "ragged": "ragged all_to_all"}[self.experts]
+        if self.experts != "local":
+            how += (" (worst-case buffers)" if self.buffer_factor is None
+                    else f" (buffers {self.buffer_factor:g}x the balanced load)")
+        grouped = self.experts == "ragged" or self.local_compute == "ragged_dot"
+        gemm = f", grouped GEMM {self.grouped_gemm}" if grouped else ""
+        chunks = f", {self.chunks} chunks" if self.chunks > 1 else ""
+        return f"experts {how}{gemm}{chunks}; attention {self.attention}"
+
     @property
     def pallas(self) -> bool:
         """The Pallas kernel runs somewhere in the step."""

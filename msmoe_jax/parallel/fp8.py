@@ -25,7 +25,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from msmoe_jax.parallel import collectives as C
 
