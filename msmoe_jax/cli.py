@@ -27,16 +27,14 @@ def simulate_cpu_devices(count: int) -> None:
 
 # XLA flags that let a GPU overlap communication with computation: the latency-hiding scheduler
 # orders async collectives around independent compute (the chunked and ring schedules give it
-# that independence), combining thresholds batch the many small gradient collectives into
-# large ones, and the pipelined variants move collectives of loop iterations ahead of the
-# compute that does not need them.
+# that independence), and combining thresholds batch the many small gradient collectives into
+# large ones. Left out: the pipelined-collective and while-loop double-buffering flags. They
+# copy collectives and buffers across the micro-batch loop's iterations: in the Mixtral
+# config's program compiled for H100 (2 layers) they took the temporaries from 7.65 to
+# 14.89 GiB per GPU (docs/performance.md), and jax 0.11's XLA no longer has the first three.
 GPU_OVERLAP_FLAGS = {
     "xla_gpu_enable_latency_hiding_scheduler": "true",
     "xla_gpu_enable_highest_priority_async_stream": "true",
-    "xla_gpu_enable_pipelined_all_gather": "true",
-    "xla_gpu_enable_pipelined_reduce_scatter": "true",
-    "xla_gpu_enable_pipelined_all_reduce": "true",
-    "xla_gpu_enable_while_loop_double_buffering": "true",
     "xla_gpu_all_reduce_combine_threshold_bytes": "134217728",
     "xla_gpu_all_gather_combine_threshold_bytes": "134217728",
     "xla_gpu_reduce_scatter_combine_threshold_bytes": "67108864",
