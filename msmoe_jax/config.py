@@ -9,6 +9,7 @@ dotted name of the field and what is allowed, before JAX compiles anything.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -358,8 +359,9 @@ class Config:
                  f"must be >= 256 for the byte-level stdlib corpus, got {m.vocab_size}")
 
         bf = self.parallel.buffer_factor
-        need(bf == "worst_case" or bf > 0, "parallel.buffer_factor",
-             f"must be a number > 0 or 'worst_case', got {bf!r}")
+        need(bf == "worst_case" or (isinstance(bf, (int, float)) and 0 < bf < math.inf),
+             "parallel.buffer_factor",
+             f"must be a finite number > 0 or 'worst_case', got {bf!r}")
         if self.kernel.attention == "cudnn":
             need(m.dtype == "bfloat16", "kernel.attention",
                  f"'cudnn' needs model.dtype 'bfloat16', got {m.dtype!r}; use 'auto' or 'xla'")

@@ -21,7 +21,7 @@ MODEL = {"dtype": "float32", "num_layers": 2, "num_dense_layers": 1, "num_heads"
 
 # The padded exchange's per-(source, expert) blocks of ~T*k/E = 8 rows overflow the default
 # buffer_factor (2) on these tiny random batches; 4 keeps them dropless (dropped_frac is
-# compared with the reference's 0). test_overflow covers the default.
+# compared with the reference's 0). test_exchange_buffers.py covers overflow.
 A2A = {"dispatch": "all_to_all", "all_to_all": "padded", "buffer_factor": 4.0}
 AG = {"dispatch": "all_gather"}
 RAGGED = {"dispatch": "all_to_all", "all_to_all": "ragged"}  # emulated exchange on CPU

@@ -90,3 +90,46 @@ def test_bytes_and_flops_scale_with_gradient_accumulation():
     assert measured[2][0] == pytest.approx(2 * measured[1][0], rel=1e-6)
     assert measured[2][1] == pytest.approx(2 * measured[1][1], rel=0.02)
 
+
+
+KERNELS_HLO = """HloModule m
+ENTRY %main (p0: s32[6], p1: s32[6], p2: s32[4], p3: s32[4], x: bf16[1024,64], w: bf16[4,64,32], g: bf16[1024,32], q: bf16[2,256,4,64]) -> f32[4,64,32] {
+  %p0 = s32[6]{0} parameter(0)
+  %p1 = s32[6]{0} parameter(1)
+  %p2 = s32[4]{0} parameter(2)
+  %p3 = s32[4]{0} parameter(3)
+  %x = bf16[1024,64]{1,0} parameter(4)
+  %w = bf16[4,64,32]{2,1,0} parameter(5)
+  %g = bf16[1024,32]{1,0} parameter(6)
+  %q = bf16[2,256,4,64]{3,2,1,0} parameter(7)
+  %fwd = bf16[1024,32]{1,0} custom-call(%p0, %p1, %p2, %p3, %x, %w), custom_call_target="__gpu$xla.gpu.triton", backend_config={name = "grouped_gemm", num_warps = 8 : i32}
+  %wgrad = f32[4,64,32]{2,1,0} custom-call(%p2, %p3, %x, %g), custom_call_target="__gpu$xla.gpu.triton", backend_config={name = "grouped_gemm_wgrad", num_warps = 8 : i32}
+  %fa = (bf16[2,4,256,64]{3,1,2,0}, f32[2,4,256]{2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax"
+  %fb = (bf16[2,4,256,64]{3,1,2,0}, bf16[2,4,256,64]{3,1,2,0}, u8[0]{0}) custom-call(%q, %q, %q, %q), custom_call_target="__cudnn$fmhaSoftmaxBackward"
+  ROOT %out = f32[4,64,32]{2,1,0} copy(%wgrad)
+}
+"""
+
+
+def test_kernel_flops_are_modelled_over_routed_rows_and_causal_half():
+    """The opaque custom calls get FLOPs: the Pallas grouped GEMMs over the routed rows of
+    their buffer (1024 rows at fill 2 = 512, 4 experts of 128 rows, whole tiles), cuDNN flash
+    attention over the causal half (forward 2, backward 5 x b h s^2 hd)."""
+    from msmoe_jax.steptime.hlo import Routing, all_arrays, kernel_flops, parse
+
+    entry, comps = parse(KERNELS_HLO)
+    shapes = {k: v[0][1] for k, v in all_arrays(comps).items() if v}
+    by = {i.name: i for i in entry}
+    balanced = Routing(fill=2.0, tile_rows=128)
+    assert kernel_flops(by["fwd"], shapes, balanced) == 2 * 512 * 64 * 32
+    assert kernel_flops(by["wgrad"], shapes, balanced) == 2 * 512 * 64 * 32
+    # 100-row tiles: 128 rows per expert take 2 tiles each in the weight gradient, and the
+    # forward's tiles straddle experts (starts 0, 128, 256, 384 -> 2, 2, 2, 3 tiles) -> 900.
+    tiles100 = Routing(fill=2.0, tile_rows=100)
+    assert kernel_flops(by["wgrad"], shapes, tiles100) == 2 * 800 * 64 * 32
+    assert kernel_flops(by["fwd"], shapes, tiles100) == 2 * 900 * 64 * 32
+    # Never more than the whole buffer (skew past the fill).
+    assert kernel_flops(by["fwd"], shapes, Routing(skew=4.0, fill=2.0)) == 2 * 1024 * 64 * 32
+    assert kernel_flops(by["fa"], shapes) == 2 * 2 * 4 * 256 * 256 * 64
+    assert kernel_flops(by["fb"], shapes) == 5 * 2 * 4 * 256 * 256 * 64
+    assert kernel_flops(by["out"], shapes) == 0

@@ -47,7 +47,8 @@ class Choices:
         if self.experts != "local":
             how += (" (worst-case buffers)" if self.buffer_factor is None
                     else f" (buffers {self.buffer_factor:g}x the balanced load)")
-        grouped = self.experts == "ragged" or self.local_compute == "ragged_dot"
+        grouped = self.experts == "ragged" or (self.experts == "local"
+                                               and self.local_compute == "ragged_dot")
         gemm = f", grouped GEMM {self.grouped_gemm}" if grouped else ""
         chunks = f", {self.chunks} chunks" if self.chunks > 1 else ""
         return f"experts {how}{gemm}{chunks}; attention {self.attention}"

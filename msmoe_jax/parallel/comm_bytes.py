@@ -38,9 +38,9 @@ def scope_of(op_name: str) -> str:
 def collective_scope(instr) -> str:
     """``scope_of`` a collective (an ``hlo.Instr``). A ragged exchange has no op_name and
     takes its operand's: the return exchange reads the expert_tensor reduce-scatter's result
-    but crosses the ``expert`` devices, so only gathers/scatters count as expert_tensor."""
+    but crosses the ``expert`` devices."""
     scope = scope_of(instr.op_name)
-    if scope == "expert_tensor" and instr.collective not in ("all-gather", "reduce-scatter"):
+    if scope == "expert_tensor" and instr.collective == "ragged-all-to-all":
         return "moe_dispatch"
     return scope
 

@@ -216,7 +216,8 @@ _KERNEL = re.compile(r'name = "(grouped_gemm(?:_wgrad)?)"')  # msmoe_jax/kernels
 
 def kernel_flops(instr: Instr, shapes: dict[str, tuple[int, ...]],
                  routing: Routing = Routing()) -> float:
-    """Modelled FLOPs of a Pallas grouped-GEMM custom call (0 for any other instruction).
+    """Modelled FLOPs of a Pallas grouped-GEMM custom call or a cuDNN fused-attention one
+    (causal; see below), 0 for any other instruction.
 
     The kernels' row tiles cover only each group's rows (``kernels/grouped_gemm.py``): the
     routed rows R (the buffer's rows / ``routing.fill``, times ``routing.skew``), split evenly
@@ -225,6 +226,13 @@ def kernel_flops(instr: Instr, shapes: dict[str, tuple[int, ...]],
     tiles per group. Then 2 x rows x K x N. ``grouped_gemm``: result [R_buf, N], left operand
     (second to last) [., K], weights (last) [G, ., .]; ``grouped_gemm_wgrad``: result
     [G, K, N], buffer rows from operand 2."""
+    fmha = re.search(r'custom_call_target="__cudnn\$fmha\w*?(Backward)?"', instr.attrs)
+    if fmha and instr.arrays:
+        # cuDNN flash attention, causal: result [b, h, s, hd] (out, or dq). The forward's
+        # two GEMMs over the unmasked half: 2 x b x h x s^2 x hd; the backward's five
+        # (scores recomputed, dV, dP, dQ, dK): 5 x that.
+        b, h, seq, hd = instr.arrays[0][1]
+        return (5.0 if fmha.group(1) else 2.0) * b * h * seq * seq * hd
     if "__gpu$xla.gpu.triton" not in instr.attrs or not instr.arrays:
         return 0.0
     kind = _KERNEL.search(instr.attrs)
