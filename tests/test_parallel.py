@@ -19,11 +19,12 @@ from msmoe_jax.trainer import init_state
 MODEL = {"dtype": "float32", "num_layers": 2, "num_dense_layers": 1, "num_heads": 8,
          "num_kv_heads": 2, "num_experts": 8, "num_shared_experts": 1, "init_std": 0.1}
 
-# The padded exchange's per-(source, expert) blocks of ~T*k/E = 8 rows overflow the default
-# buffer_factor (2) on these tiny random batches; 4 keeps them dropless (dropped_frac is
-# compared with the reference's 0). test_exchange_buffers.py covers overflow.
+# The padded exchange's per-(source, expert) blocks of ~T*k/E = 8 rows, and the all_gather
+# dispatch's per-expert buffers when chunked, overflow the default buffer_factor (2) on these
+# tiny random batches; 4 keeps them dropless (dropped_frac is compared with the reference's
+# 0). The ragged layouts keep the default; test_exchange_buffers.py covers overflow.
 A2A = {"dispatch": "all_to_all", "all_to_all": "padded", "buffer_factor": 4.0}
-AG = {"dispatch": "all_gather"}
+AG = {"dispatch": "all_gather", "buffer_factor": 4.0}
 RAGGED = {"dispatch": "all_to_all", "all_to_all": "ragged"}  # emulated exchange on CPU
 CAPACITY = {"moe_mode": "capacity", "capacity_factor": 0.6}
 LAYOUTS = {
