@@ -47,18 +47,20 @@ class Choices:
         if self.experts != "local":
             how += (" (worst-case buffers)" if self.buffer_factor is None
                     else f" (buffers {self.buffer_factor:g}x the balanced load)")
-        grouped = self.experts == "ragged" or (self.experts == "local"
-                                               and self.local_compute == "ragged_dot")
-        gemm = f", grouped GEMM {self.grouped_gemm}" if grouped else ""
+        gemm = f", grouped GEMM {self.grouped_gemm}" if self.grouped else ""
         chunks = f", {self.chunks} chunks" if self.chunks > 1 else ""
         return f"experts {how}{gemm}{chunks}; attention {self.attention}"
 
     @property
+    def grouped(self) -> bool:
+        """The experts compute on expert-sorted rows (where ``grouped_gemm`` applies)."""
+        return self.experts == "ragged" or (self.experts == "local"
+                                            and self.local_compute == "ragged_dot")
+
+    @property
     def pallas(self) -> bool:
         """The Pallas kernel runs somewhere in the step."""
-        grouped = self.experts == "ragged" or (self.experts == "local"
-                                                and self.local_compute == "ragged_dot")
-        return self.grouped_gemm == "pallas" and grouped
+        return self.grouped_gemm == "pallas" and self.grouped
 
 
 def resolve(cfg: Config, layout: Layout, gpu: bool) -> Choices:
