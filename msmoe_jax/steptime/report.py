@@ -82,7 +82,7 @@ class Report(NamedTuple):
     step: float  # modelled seconds
     exposed: dict[str, float]  # exposed communication seconds by comm scope
     mfu: float
-    kernels_modelled: bool = False  # Pallas (Triton) custom calls: FLOPs of routed rows
+    kernels_modelled: bool = False  # Pallas grouped GEMMs in the program (FLOPs modelled)
 
 
 def kernel_routing(cfg: Config, devices: int, routing: Routing = Routing()) -> Routing:
@@ -199,8 +199,9 @@ def format_report(r: Report) -> str:
         lines.append(f"expert exchange: {human(got)} moved vs {human(r.routed)} of routed rows "
                      f"({got / r.routed:.2f}x)")
     if r.kernels_modelled:
-        lines.append("note: the Pallas grouped GEMMs' FLOPs are modelled (routed rows at "
-                     "balanced routing, plus a row tile per expert), not read from the program")
+        lines.append("note: the FLOPs of the Pallas grouped GEMMs (routed rows at balanced "
+                     "routing, in whole row tiles) and of cuDNN attention (the causal half) "
+                     "are modelled, not read from the program")
     lines += ["", f"modelled step {r.step * 1e3:.1f} ms, exposed communication "
               f"{sum(r.exposed.values()) * 1e3:.1f} ms, MFU {r.mfu:.1%}"]
     return "\n".join(lines)
