@@ -48,6 +48,7 @@ def main(argv=None) -> int:
 
     from msmoe_jax.checkpoint import CheckpointError
     from msmoe_jax.data import DataError
+    from msmoe_jax.parallel.mesh import validate_for
     from msmoe_jax.trainer import train
 
     try:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
               f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", file=sys.stderr)
         return 1
     try:
-        cfg.validate(device_count=jax.device_count())
+        validate_for(cfg, jax.device_count())
         train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -53,7 +53,7 @@ def gspmd_step(cfg: Config, devices):
     from msmoe_jax.objective import reference_loss_fn
     from msmoe_jax.optim import make_optimizer
     from msmoe_jax.parallel.mesh import REPLICATED, Layout, make_mesh, sharding
-    from msmoe_jax.trainer import init_state
+    from msmoe_jax.state import init_state
 
     n = len(devices)
     c = dataclasses.replace(cfg, parallel=dataclasses.replace(
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
 
     from msmoe_jax.comms import build_step
     from msmoe_jax.parallel.comm_bytes import human
+    from msmoe_jax.parallel.mesh import validate_for
 
     devices = jax.devices()
     n, t = len(devices), cfg.train
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
             if c is None:
                 step, state, tokens = gspmd_step(cfg, devices)
             else:
-                c.validate(n)
+                validate_for(c, n)
                 _, _, step, state, tokens = build_step(c, devices, abstract=False)
         except ConfigError as e:
             print(f"skip {name}: {e}")

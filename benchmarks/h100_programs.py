@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     from msmoe_jax import h100
     from msmoe_jax.config import load_config
     from msmoe_jax.parallel.comm_bytes import human
+    from msmoe_jax.parallel.mesh import validate_for
     from msmoe_jax.plan import compile_plan, memory_table, plan
     from msmoe_jax.steptime.report import analyse, expert_recompute
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     for name in args.configs:
         cfg = load_config(ROOT / "configs" / name, args.overrides)
         n = cfg.parallel.devices or 8
-        cfg.validate(n)
+        validate_for(cfg, n)
         t0 = time.perf_counter()
         runs = [h100.compile_step(cfg, n, layers=d) for d in h100.depths(cfg)]
         seconds = time.perf_counter() - t0

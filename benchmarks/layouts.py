@@ -53,6 +53,7 @@ def main() -> int:
     from msmoe_jax.comms import build_step
     from benchmarks.timing import time_train_step
     from msmoe_jax.parallel.comm_bytes import human
+    from msmoe_jax.parallel.mesh import validate_for
 
     n = jax.device_count()
     t = cfg.train
@@ -63,7 +64,7 @@ def main() -> int:
     for name, fields in layouts(cfg, n).items():
         c = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **fields))
         try:
-            c.validate(n)
+            validate_for(c, n)
         except ConfigError as e:
             print(f"skip {name}: {e}")
             continue

@@ -69,6 +69,7 @@ def schedules(n: int, nodes: int) -> dict[str, tuple[dict, bool]]:
 def model_rows(cfg, hw_name: str, nodes: int, rows: list[str] | None = None):
     from msmoe_jax import h100
     from msmoe_jax.flops import train_flops_per_token
+    from msmoe_jax.parallel.mesh import validate_for
     from msmoe_jax.steptime.model import HARDWARE, model_step
 
     n = 8 * nodes
@@ -85,7 +86,7 @@ def model_rows(cfg, hw_name: str, nodes: int, rows: list[str] | None = None):
         c = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **fields))
         key = json.dumps(fields, sort_keys=True)
         if key not in compiled:
-            c.validate(n)
+            validate_for(c, n)
             compiled[key] = compiled_step(c, n)[0]
         t, _ = model_step(compiled[key], n, hw, overlap, activation_bytes_scale=scale)
         out.append(dict(schedule=name, step_ms=t.step * 1e3, exposed_ms=t.exposed_comm * 1e3,
@@ -96,10 +97,12 @@ def model_rows(cfg, hw_name: str, nodes: int, rows: list[str] | None = None):
 
 
 def remat_rows(cfg):
+    from msmoe_jax.parallel.mesh import validate_for
+
     out = {}
     for policy in ("none", "selective", "full"):
         c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, remat=policy))
-        c.validate(8)
+        validate_for(c, 8)
         temp = compiled_step(c, 8)[1]
         temp = getattr(temp, "temp_size_in_bytes", getattr(temp, "temporaries", 0))
         out[policy] = temp

@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from msmoe_jax.config import config_from_dict
+    from msmoe_jax.parallel.mesh import Layout, validate_for
     from msmoe_jax.flops import train_flops_per_token
     from msmoe_jax.steptime.report import analyse, compile_texts, format_report
 
@@ -68,14 +69,13 @@ def main(argv=None) -> int:
           "| predicted / published |\n|---|---|---|---|---|")
     for name in args.only or sorted(CASES):
         case = CASES[name]
-        cfg = config_from_dict(case["config"]).validate(case["devices"])
+        cfg = validate_for(config_from_dict(case["config"]), case["devices"])
         n = case["devices"]
         report = analyse(cfg, n, compile_texts(cfg, n), case["hardware"])
         print(format_report(report), file=sys.stderr)
         tokens = cfg.train.batch_size * cfg.train.seq_len / n / report.step
         published = case.get("published_tokens") or case["published_tflops"] * 1e12 / (
             train_flops_per_token(cfg.model, cfg.train.seq_len))
-        from msmoe_jax.parallel.mesh import Layout
 
         print(f"| {case['published']} | {Layout.from_config(cfg, n).describe()}, {n} GPUs "
               f"({case['hardware'].upper()}) | {tokens:,.0f} | {published:,.0f} | "

@@ -45,8 +45,9 @@ def build_step(cfg: Config, devices=None, abstract: bool = True):
     import jax
     import numpy as np
 
-    from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding
-    from msmoe_jax.trainer import init_state, make_train_step
+    from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding, validate_for
+    from msmoe_jax.state import init_state
+    from msmoe_jax.trainer import make_train_step
 
     devices = list(jax.devices() if devices is None else devices)
     layout = Layout.from_config(cfg, len(devices))
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
 
     from msmoe_jax import h100
     from msmoe_jax.parallel.comm_bytes import by_scope, human, summarize
+    from msmoe_jax.parallel.mesh import validate_for
 
     if args.hlo == "h100" and not h100.available():
         print(f"error: {h100.INSTALL_HINT}", file=sys.stderr)
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
         "h100" if h100.available() else "lowered")
     n = (cfg.parallel.devices or 8) if hlo == "h100" else jax.device_count()
     try:
-        cfg.validate(n)
+        validate_for(cfg, n)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
     totals, scopes = {}, {}
     for name, c in layouts.items():
         try:
-            c.validate(n)
+            validate_for(c, n)
             layout, found = step_collectives(c, n if hlo == "h100" else None, hlo=hlo)
         except ConfigError as e:
             print(f"[{name}] not possible for this model: {e}\n")

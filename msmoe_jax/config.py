@@ -264,8 +264,9 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self, device_count: int | None = None) -> "Config":
-        """Checks combinations of fields; ``device_count`` enables the mesh checks."""
+    def validate(self) -> "Config":
+        """Checks combinations of fields. The checks that need the device count live with the
+        mesh: ``parallel.mesh.validate_for(cfg, device_count)``."""
         m, t = self.model, self.train
 
         def need(ok: bool, field: str, msg: str) -> None:
@@ -377,16 +378,6 @@ class Config:
         if self.parallel.devices is not None:
             need(self.parallel.devices >= 1, "parallel.devices",
                  f"must be a positive integer or null, got {self.parallel.devices}")
-        if device_count is not None:
-            from msmoe_jax.parallel.mesh import Layout  # the mesh and its rules live there
-
-            if self.parallel.devices is not None:
-                need(self.parallel.devices == device_count, "parallel.devices",
-                     f"this config is written for {self.parallel.devices} devices but the run "
-                     f"has {device_count}; set parallel.devices=null to fit the layout to "
-                     "whatever devices there are")
-
-            Layout.from_config(self, device_count)
         return self
 
 
@@ -494,8 +485,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
     return _build(Config, raw, "")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (),
-                device_count: int | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Loads ``path`` (None: all defaults), applies overrides and validates."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -508,4 +498,4 @@ def load_config(path: str | Path | None, overrides: list[str] = (),
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    return config_from_dict(raw, overrides).validate(device_count)
+    return config_from_dict(raw, overrides).validate()

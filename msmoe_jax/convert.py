@@ -52,14 +52,14 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, cfg: Config, devi
 
     from msmoe_jax.hf.families import FAMILIES
     from msmoe_jax.hf.io import Reader, expected_shape, load_param
-    from msmoe_jax.parallel.mesh import Layout, make_mesh
-    from msmoe_jax.trainer import init_state
+    from msmoe_jax.parallel.mesh import Layout, make_mesh, validate_for
+    from msmoe_jax.state import init_state
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
     model, arch = hf_model_config(hf_dir, cfg.model)
     cfg = dataclasses.replace(cfg, model=model)
     devices = list(jax.devices() if devices is None else devices)
-    cfg.validate(len(devices))
+    validate_for(cfg, len(devices))
     layout = Layout.from_config(cfg, len(devices))
     mesh = make_mesh(layout, devices)
     _, _, abstract, _ = init_state(cfg, mesh, layout, abstract=True)
@@ -102,7 +102,7 @@ def restore_params(path: str | Path, cfg: Config, mesh, layout):
     (``state``), placed on ``mesh`` as ``layout`` shards them."""
     import orbax.checkpoint as ocp
 
-    from msmoe_jax.trainer import init_state
+    from msmoe_jax.state import init_state
 
     path = Path(path).absolute()
     _, _, abstract, _ = init_state(cfg, mesh, layout, abstract=True)

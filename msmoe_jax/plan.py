@@ -50,10 +50,10 @@ def plan(cfg: Config, devices: int) -> Plan:
     from msmoe_jax.model import Transformer
     from msmoe_jax.optim import make_optimizer
     from msmoe_jax.parallel.choices import resolve
-    from msmoe_jax.parallel.mesh import Layout
+    from msmoe_jax.parallel.mesh import Layout, validate_for
     from msmoe_jax.parallel.strategy import state_specs
 
-    cfg.validate(devices)
+    validate_for(cfg, devices)
     layout = Layout.from_config(cfg, devices)
     sizes = dict(layout.mesh_axes)
     optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)

@@ -11,65 +11,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh
 
 from msmoe_jax import flops
 from msmoe_jax.checkpoint import CheckpointError, Checkpointer
 from msmoe_jax.config import Config, ConfigError
+from msmoe_jax.convert import restore_params
 from msmoe_jax.data import GlobalBatches
-from msmoe_jax.model import Transformer
-from msmoe_jax.optim import lr_schedule, make_optimizer
+from msmoe_jax.hf.families import ConversionError
+from msmoe_jax.optim import lr_schedule
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, make_mesh, sharding
-from msmoe_jax.parallel.strategy import make_grad_fn, state_specs
-
-
-def init_state(cfg: Config, mesh: Mesh, layout: Layout, abstract: bool = False):
-    """(graphdef, optimizer, state, specs): state = {step, params, opt_state} laid out on the
-    mesh as ``specs`` (PartitionSpecs of the same structure) say.
-
-    ``abstract=True`` gives ShapeDtypeStructs with the mesh's shardings instead of arrays: the
-    target for restoring a checkpoint without first materialising a fresh model.
-    """
-    create = lambda: nnx.split(Transformer(cfg.model, nnx.Rngs(cfg.seed)))
-    graphdef, _ = nnx.eval_shape(create)
-    optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
-
-    def init():
-        params = create()[1]
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": optimizer.init(params)}
-
-    shapes = jax.eval_shape(init)
-    specs = state_specs(shapes, optimizer, layout)
-    shardings = jax.tree.map(lambda spec: sharding(mesh, spec), specs)
-    if abstract:
-        state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             shapes, shardings)
-    else:
-        state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, optimizer, state, specs
+from msmoe_jax.parallel.strategy import make_grad_fn
+from msmoe_jax.state import init_state, state_from_params
 
 
 def load_params(path: str, cfg: Config, mesh: Mesh, layout: Layout):
-    from msmoe_jax.convert import restore_params
-    from msmoe_jax.hf.families import ConversionError
     try:
         return restore_params(path, cfg, mesh, layout)
     except ConversionError as e:
         raise CheckpointError(f"checkpoint.init_from: {e}") from e
-
-
-def state_from_params(params, optimizer: optax.GradientTransformation, mesh: Mesh, specs):
-    """The train state at step 0 for given parameters: a fresh optimizer state beside them."""
-    def init(params):
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": optimizer.init(params)}
-    shardings = jax.tree.map(lambda spec: sharding(mesh, spec), specs)
-    return jax.jit(init, out_shardings=shardings)(params)
 
 
 def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout, specs,

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 
 from msmoe_jax.config import config_from_dict  # noqa: E402
+from msmoe_jax.parallel.mesh import validate_for  # noqa: E402
 
 assert jax.device_count() == 8, "conftest must run before JAX is initialised"
 
@@ -46,7 +47,7 @@ def tiny_config(tmp_path=None, device_count=8, **sections):
             raw.setdefault(name, {}).update(values)
         else:
             raw[name] = values
-    return config_from_dict(raw).validate(device_count)
+    return validate_for(config_from_dict(raw), device_count)
 
 
 def write_config(cfg, path):

@@ -8,7 +8,8 @@ import numpy as np
 from conftest import read_metrics, run_cli, tiny_config, write_config
 from msmoe_jax.checkpoint import Checkpointer
 from msmoe_jax.parallel.mesh import Layout, make_mesh
-from msmoe_jax.trainer import KILL_AFTER_STEP_ENV, init_state, train
+from msmoe_jax.state import init_state
+from msmoe_jax.trainer import KILL_AFTER_STEP_ENV, train
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT, tiny_config, write_config
 from msmoe_jax.comms import reference_layouts, step_collectives
 from msmoe_jax.parallel.comm_bytes import by_scope, collectives
+from msmoe_jax.parallel.mesh import validate_for
 from msmoe_jax.steptime.hlo import Routing, flatten, parse, replica_groups
 
 
@@ -119,7 +120,7 @@ def test_sp_ep_moves_fewer_bytes_than_tp_tp():
     for name in ("SP+EP", "TP+TP"):
         c = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, **reference_layouts(8)[name]))
-        _, found = step_collectives(c.validate(8))
+        _, found = step_collectives(validate_for(c, 8))
         by_layout[name] = by_scope(found)
     sp, tp = by_layout["SP+EP"], by_layout["TP+TP"]
     assert "tensor_attention" not in sp and "ulysses" not in tp

@@ -11,6 +11,7 @@ from conftest import tiny_config
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel import fp8
 from msmoe_jax.parallel.grad_exchange import bf16_a2a_sum
+from msmoe_jax.parallel.mesh import validate_for
 from test_parallel import A2A, AG, MODEL, RAGGED, check_against_reference, run_with_reference
 
 AXES = ("x",)
@@ -320,7 +321,7 @@ def test_compression_halves_the_default_configs_collective_bytes():
     from msmoe_jax.config import load_config
     from msmoe_jax.parallel.comm_bytes import by_scope
 
-    cfg = load_config(DEFAULT_CONFIG, device_count=8)
+    cfg = validate_for(load_config(DEFAULT_CONFIG), 8)
     assert cfg.compression.gradients == "fp32" and cfg.model.dtype == "bfloat16"
     before = by_scope(step_collectives(cfg, hlo="lowered")[1])
     after = by_scope(step_collectives(compressed(cfg), hlo="lowered")[1])

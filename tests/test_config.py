@@ -3,26 +3,27 @@
 import pytest
 
 from msmoe_jax.config import Config, ConfigError, config_from_dict, load_config
+from msmoe_jax.parallel.mesh import validate_for
 
 
 def check(raw=None, overrides=(), device_count=8, match=""):
     with pytest.raises(ConfigError, match=match):
-        config_from_dict(raw or {}, list(overrides)).validate(device_count)
+        validate_for(config_from_dict(raw or {}, list(overrides)), device_count)
 
 
 def test_defaults_are_valid_and_overrides_apply():
     cfg = config_from_dict({}, ["model.num_experts=16", "train.steps=7", "run.dir=/tmp/x",
                                 "model.head_dim=null", "optimizer.lr=1e-3", "seed=3"])
-    cfg.validate(8)
+    validate_for(cfg, 8)
     assert cfg.model.num_experts == 16 and cfg.train.steps == 7 and cfg.seed == 3
     assert cfg.optimizer.lr == 1e-3 and isinstance(cfg.optimizer.lr, float)
-    assert isinstance(Config().validate(8), Config)
+    assert isinstance(validate_for(Config(), 8), Config)
 
 
 def test_load_config_file_and_default_yaml(tmp_path):
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs" / "default.yaml", ["checkpoint.keep=3"], device_count=8)
+    cfg = validate_for(load_config(root / "configs" / "default.yaml", ["checkpoint.keep=3"]), 8)
     assert cfg.checkpoint.keep == 3
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
@@ -111,7 +112,7 @@ def test_views_that_do_not_nest_cannot_fold():
 def test_folded_mesh_axes(overrides, mesh, dispatch):
     from msmoe_jax.parallel.mesh import Layout
     cfg = config_from_dict({}, overrides)
-    layout = Layout.from_config(cfg.validate(8), 8)
+    layout = Layout.from_config(validate_for(cfg, 8), 8)
     assert dict(layout.mesh_axes) == mesh
     assert layout.dispatch == dispatch
     assert layout.sizes["data"] * layout.sizes["sequence"] * layout.sizes["tensor"] == 8
@@ -123,6 +124,6 @@ def test_every_device_agnostic_config_loads_for_8_devices():
     assert {p.name for p in configs} >= {"default.yaml", "compressed.yaml"}
     for path in configs:  # the cluster configs are checked on their own counts (test_configs)
         if load_config(path).parallel.devices is None:
-            load_config(path, device_count=8)
+            validate_for(load_config(path), 8)
     cfg = load_config(configs[0].parent / "compressed.yaml")
     assert (cfg.compression.gradients, cfg.compression.dispatch) == ("bf16_a2a", "fp8")

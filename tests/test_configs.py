@@ -7,6 +7,7 @@ import pytest
 
 from conftest import ROOT
 from msmoe_jax.config import ConfigError, load_config
+from msmoe_jax.parallel.mesh import validate_for
 from msmoe_jax.plan import main as plan_main
 from msmoe_jax.plan import plan
 
@@ -49,6 +50,6 @@ def test_a_config_refuses_another_device_count(capsys):
     path = ROOT / "configs" / "mixtral_8x7b_64xh100.yaml"
     with pytest.raises(ConfigError, match="parallel.devices: this config is written for 64 "
                                           "devices but the run has 8"):
-        load_config(path, device_count=8)
+        validate_for(load_config(path), 8)
     assert plan_main(["--config", str(path)]) == 0
     assert "64 devices" in capsys.readouterr().out

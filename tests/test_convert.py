@@ -17,7 +17,7 @@ from msmoe_jax.convert import export_checkpoint, import_checkpoint, restore_para
 from msmoe_jax.hf.families import ConversionError  # noqa: E402
 from msmoe_jax.model import reference_ops  # noqa: E402
 from msmoe_jax.parallel.mesh import Layout, make_mesh  # noqa: E402
-from msmoe_jax.trainer import init_state  # noqa: E402
+from msmoe_jax.state import init_state  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 256, size=(2, 24))
 

@@ -11,7 +11,7 @@ from conftest import ROOT, tiny_config
 from msmoe_jax import h100
 from msmoe_jax.config import load_config
 from msmoe_jax.parallel.comm_bytes import collectives
-from msmoe_jax.parallel.mesh import is_gpu
+from msmoe_jax.parallel.mesh import is_gpu, validate_for
 from msmoe_jax.steptime.hlo import parse
 from msmoe_jax.steptime.report import analyse, expert_recompute
 
@@ -30,7 +30,7 @@ def gate_config(name: str, **overrides):
     n = cfg.parallel.devices or 8
     if n > 8:
         cfg.run.gpu_overlap_flags = False
-    return cfg.validate(n), n
+    return validate_for(cfg, n), n
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -248,3 +248,16 @@ def is_gpu(devices_or_mesh) -> bool:
 
 def sharding(mesh: Mesh, spec: P) -> NamedSharding:
     return NamedSharding(mesh, spec)
+
+
+def validate_for(cfg: Config, device_count: int) -> Config:
+    """``cfg.validate()`` plus the checks that need the device count: ``parallel.devices`` and
+    the layout (``Layout.from_config``). Returns ``cfg``."""
+    cfg.validate()
+    devices = cfg.parallel.devices
+    if devices is not None and devices != device_count:
+        raise ConfigError(f"parallel.devices: this config is written for {devices} devices but "
+                          f"the run has {device_count}; set parallel.devices=null to fit the "
+                          "layout to whatever devices there are")
+    Layout.from_config(cfg, device_count)
+    return cfg

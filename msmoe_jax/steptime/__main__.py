@@ -34,10 +34,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from msmoe_jax.config import ConfigError
+    from msmoe_jax.parallel.mesh import validate_for
 
     try:
         cfg, n = load_device_config(args)
-        cfg.validate(n)
+        validate_for(cfg, n)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
