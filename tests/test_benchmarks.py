@@ -2,7 +2,7 @@
 
 import importlib.util
 
-from conftest import ROOT
+from support import ROOT
 
 
 def load(name):

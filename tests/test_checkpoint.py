@@ -5,7 +5,7 @@ import shutil
 import jax
 import numpy as np
 
-from conftest import read_metrics, run_cli, tiny_config, write_config
+from support import read_metrics, run_cli, tiny_config, write_config
 from msmoe_jax.checkpoint import Checkpointer
 from msmoe_jax.parallel.mesh import Layout, make_mesh
 from msmoe_jax.state import init_state

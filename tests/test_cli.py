@@ -1,6 +1,6 @@
 """train.py as a user meets it: --help, and clear one-line errors with a non-zero exit."""
 
-from conftest import run_cli, tiny_config, write_config
+from support import run_cli, tiny_config, write_config
 
 
 def assert_clean_error(r, code, *needles):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, tiny_config, write_config
+from support import ROOT, tiny_config, write_config
 from msmoe_jax.comms import reference_layouts, step_collectives
 from msmoe_jax.parallel.comm_bytes import by_scope, collectives
 from msmoe_jax.parallel.mesh import validate_for

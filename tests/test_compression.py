@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from conftest import tiny_config
+from support import tiny_config
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel import fp8
 from msmoe_jax.parallel.grad_exchange import bf16_a2a_sum

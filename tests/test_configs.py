@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from msmoe_jax.config import ConfigError, load_config
 from msmoe_jax.parallel.mesh import validate_for
 from msmoe_jax.plan import main as plan_main

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import tiny_config  # noqa: E402
+from support import tiny_config  # noqa: E402
 from msmoe_jax.convert import export_checkpoint, import_checkpoint, restore_params  # noqa: E402
 from msmoe_jax.hf.families import ConversionError  # noqa: E402
 from msmoe_jax.model import reference_ops  # noqa: E402
@@ -145,7 +145,7 @@ def test_cli_import_then_train_from_it(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT, write_config
+    from support import ROOT, write_config
     from msmoe_jax.config import load_config
     from msmoe_jax.trainer import train
 

@@ -78,7 +78,7 @@ def test_global_batches_match_the_batched_stream_on_any_sharding(tmp_path):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from conftest import tiny_config
+    from support import tiny_config
     from msmoe_jax.data import GlobalBatches, load_tokens
 
     cfg = tiny_config(tmp_path)

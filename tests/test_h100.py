@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from conftest import ROOT, tiny_config
+from support import ROOT, tiny_config
 from msmoe_jax import h100
 from msmoe_jax.config import load_config
 from msmoe_jax.parallel.comm_bytes import collectives

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from support import tiny_config
 from test_parallel import MODEL, RAGGED, check_against_reference
 
 from msmoe_jax import h100
@@ -269,7 +269,7 @@ def test_benchmark_smoke_run(capsys):
     """benchmarks/grouped_gemm.py runs end to end on tiny shapes (no timing assertions)."""
     import importlib.util
 
-    from conftest import ROOT
+    from support import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_gg", ROOT / "benchmarks/grouped_gemm.py")
     bench = importlib.util.module_from_spec(spec)

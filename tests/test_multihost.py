@@ -13,7 +13,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import ROOT, read_metrics
+from support import ROOT, read_metrics
 
 from msmoe_jax.config import load_config
 from msmoe_jax.trainer import train

@@ -3,7 +3,7 @@ and a profiler trace."""
 
 import numpy as np
 
-from conftest import read_metrics, run_cli, tiny_config
+from support import read_metrics, run_cli, tiny_config
 from msmoe_jax.trainer import train
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from support import tiny_config
 from msmoe_jax.model import reference_ops
 from msmoe_jax.objective import COUNTS, reference_loss_fn
 from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from conftest import tiny_config
+from support import tiny_config
 from msmoe_jax.trainer import train
 
 
