@@ -4,6 +4,14 @@ and their tensor names mapped onto our parameters.
 A family states every architectural switch its configs carry. A switch we support is mapped;
 one we do not (a value our model would compute differently) is refused with the field named,
 rather than converted into a model that silently computes something else.
+
+A key that a config.json leaves out means what transformers' config class defaults it to
+(``DEFAULTS``, per family), except the sizes (``REQUIRED``): a checkpoint without them is
+refused, naming the key.
+
+The router's load-balancing coefficient is rescaled (``aux_loss_coef_from_hf``: ours is
+``top_k`` times ``router_aux_loss_coef``) and our router z-loss is off after import
+(``model.z_loss_coef: 0``): none of these families has one.
 """
 
 from __future__ import annotations
@@ -36,15 +44,69 @@ class Stacked(NamedTuple):
 Source = Dense | Stacked
 
 
+def number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConversionError(f"{field}: expected a number, got {value!r}")
+    return float(value)
+
+
 def rope_theta(hf: dict) -> float:
-    """RoPE base: ``rope_parameters.rope_theta`` (transformers 5) or ``rope_theta`` (4)."""
+    """RoPE base: ``rope_parameters.rope_theta`` (transformers 5) or ``rope_theta`` (4); absent:
+    the family's default (``hf["rope_theta"]`` after ``with_defaults``)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ConversionError(f"{name}: expected an object or null, got {value!r}")
     kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
     if kind not in (None, "default"):
         raise ConversionError(f"rope_parameters.rope_type: only 'default' RoPE is supported, "
                               f"got {kind!r}")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return number(params.get("rope_theta", hf["rope_theta"]), "rope_theta")
+
+
+def aux_loss_coef_from_hf(coef_hf: float, top_k: int) -> float:
+    """Our ``model.aux_loss_coef`` for transformers' ``router_aux_loss_coef``:
+    ``top_k * coef_hf`` (``aux_loss_coef_to_hf`` inverts it).
+
+    transformers (``load_balancing_loss_func``, the same in all four families) pools the
+    statistics of its L MoE layers, each routing the same T tokens (no padding), and adds
+    ``coef_hf * aux_hf`` to the loss, with
+
+        aux_hf = E * sum_e F_e * P_e,   F = sum_l c_l / (L T),   P = sum_l q_l / (L T)
+
+    where c_l [E] counts layer l's top-k assignments per expert (summing to T k, so F sums to
+    k) and q_l [E] sums its router probabilities over the tokens. We add ``coef * aux`` with the
+    mean over layers of each layer's own loss (``objective.py``, ``model/moe.py``
+    ``load_balancing_loss``; fractions summing to 1):
+
+        aux = (1/L) * sum_l E * sum_e (c_le / (T k)) * (q_le / T)
+
+    With ``coef = k * coef_hf`` the difference is exactly
+
+        coef * aux - coef_hf * aux_hf
+            = coef_hf * E / (2 L^2 T^2) * sum_{l,l'} <c_l - c_l', q_l - q_l'>
+
+    so the two terms are equal when L = 1 or every layer makes the same number of assignments
+    to each expert (c_l the same for all l), and then so are their gradients (with respect to
+    q_l: ``coef_hf * E * c_l / (L T^2)`` ours, ``coef_hf * E * mean_l'(c_l') / (L T^2)``
+    transformers'). Otherwise transformers' pooling couples the layers (each layer's
+    probabilities are pushed by every layer's counts) and no coefficient makes them equal;
+    ``k * coef_hf`` matches the per-layer scale (no layer factor: each layer weighs 1/L in both,
+    and both are ``k * coef_hf`` at uniform routing).
+
+    transformers adds the term only when ``output_router_logits`` is true (config or forward
+    argument; released configs mostly say false). We map the coefficient regardless: it is
+    the strength the term has when it is on, and the one a fine-tuning run would switch on.
+    To fine-tune without it, import with ``--set model.aux_loss_coef=0``.
+    """
+    return float(top_k) * coef_hf
+
+
+def aux_loss_coef_to_hf(coef: float, top_k: int) -> float:
+    """transformers' ``router_aux_loss_coef`` for our ``model.aux_loss_coef``: ``coef / top_k``
+    (the inverse of ``aux_loss_coef_from_hf``, which derives it)."""
+    return coef / top_k
 
 
 def require(hf: dict, field: str, allowed: Callable[[Any], bool], what: str,
@@ -55,26 +117,30 @@ def require(hf: dict, field: str, allowed: Callable[[Any], bool], what: str,
 
 
 def common_config(hf: dict) -> dict:
-    """The fields every family shares (Llama-style attention, RMSNorm, SwiGLU experts)."""
-    require(hf, "hidden_act", lambda v: v == "silu", "only 'silu' (SwiGLU) is supported", "silu")
+    """The fields every family shares (Llama-style attention, RMSNorm, SwiGLU experts).
+    ``hf``: a config.json with the family's defaults filled in (``with_defaults``)."""
+    require(hf, "hidden_act", lambda v: v == "silu", "only 'silu' (SwiGLU) is supported")
     require(hf, "router_jitter_noise", lambda v: not v,
             "router jitter is not supported (set it to 0)", 0.0)
+    top_k = hf["num_experts_per_tok"]
     return dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), num_dense_layers=0,
-        num_experts=hf.get("num_local_experts") or hf["num_experts"],
-        top_k=hf["num_experts_per_tok"], num_shared_experts=0,
-        rope_theta=rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+        num_kv_heads=hf["num_key_value_heads"] or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or None, num_dense_layers=0,
+        num_experts=hf["num_experts"], top_k=top_k, num_shared_experts=0,
+        rope_theta=rope_theta(hf), norm_eps=number(hf["rms_norm_eps"], "rms_norm_eps"),
+        tie_embeddings=bool(hf["tie_word_embeddings"]),
+        aux_loss_coef=aux_loss_coef_from_hf(
+            number(hf["router_aux_loss_coef"], "router_aux_loss_coef"), top_k),
+        z_loss_coef=0.0,  # no family has a router z-loss
         attention_bias=False, qk_norm="none", shared_expert_gate=False)
+
 
 
 def full_attention(hf: dict, windowed: bool) -> None:
     if windowed:
-        require(hf, "sliding_window", lambda v: not v or v >= hf.get("max_position_embeddings", 0),
+        require(hf, "sliding_window", lambda v: not v or v >= hf["max_position_embeddings"],
                 "sliding-window attention is not supported (null, or at least "
                 "max_position_embeddings)")
 
@@ -88,8 +154,8 @@ def mixtral_config(hf: dict) -> dict:
 
 def dense_prefix(hf: dict) -> int:
     """Qwen's dense layers as our leading dense layers; other placements are refused."""
-    step = hf.get("decoder_sparse_step", 1)
-    dense = sorted(hf.get("mlp_only_layers") or [])
+    step = hf["decoder_sparse_step"]
+    dense = sorted(hf["mlp_only_layers"] or [])
     n = hf["num_hidden_layers"]
     if step != 1:
         raise ConversionError(f"decoder_sparse_step: only 1 (every layer MoE unless listed in "
@@ -103,14 +169,14 @@ def dense_prefix(hf: dict) -> int:
 def qwen_config(hf: dict, shared: bool) -> dict:
     """Qwen2MoeForCausalLM (Q/K/V biases, a gated shared expert) and Qwen3MoeForCausalLM
     (per-head Q/K norms, no shared expert)."""
-    if hf.get("use_sliding_window"):
+    if hf["use_sliding_window"]:
         full_attention(hf, True)
     out = dict(common_config(hf), moe_d_ff=hf["moe_intermediate_size"],
-               d_ff=hf.get("intermediate_size", 1), num_dense_layers=dense_prefix(hf),
-               renormalize_topk=bool(hf.get("norm_topk_prob", not shared)))
+               d_ff=hf["intermediate_size"], num_dense_layers=dense_prefix(hf),
+               renormalize_topk=bool(hf["norm_topk_prob"]))
     if shared:
-        width = hf.get("shared_expert_intermediate_size") or 0
-        out.update(attention_bias=bool(hf.get("qkv_bias", True)))
+        width = hf["shared_expert_intermediate_size"] or 0
+        out.update(attention_bias=bool(hf["qkv_bias"]))
         if width:
             out.update(num_shared_experts=1, shared_d_ff=width, shared_expert_gate=True)
     else:
@@ -125,7 +191,7 @@ def olmoe_config(hf: dict) -> dict:
     require(hf, "clip_qkv", lambda v: v is None, "clipping Q/K/V is not supported (null)")
     require(hf, "attention_bias", lambda v: not v, "attention biases are not supported", False)
     return dict(common_config(hf), moe_d_ff=hf["intermediate_size"], qk_norm="full",
-                renormalize_topk=bool(hf.get("norm_topk_prob", False)))
+                renormalize_topk=bool(hf["norm_topk_prob"]))
 
 
 class Naming(NamedTuple):
@@ -191,9 +257,71 @@ def layer_tensors(m, naming: Naming) -> dict[str, Source]:
 
 class Family(NamedTuple):
     architecture: str
-    model_config: Callable[[dict], dict]
+    model_config: Callable[[dict], dict]  # config.json -> ModelConfig fields (import)
     tensors: Callable[[Any], dict[str, Source]]  # ModelConfig -> path -> source
     hf_config: Callable[[Any], dict]  # ModelConfig -> config.json fields (export)
+
+
+# The sizes a config.json must give, besides ``COMMON_REQUIRED`` and the number of experts
+# (``EXPERTS``).
+REQUIRED = {
+    "MixtralForCausalLM": ("intermediate_size",),
+    "Qwen2MoeForCausalLM": ("moe_intermediate_size",),
+    "Qwen3MoeForCausalLM": ("moe_intermediate_size",),
+    "OlmoeForCausalLM": ("intermediate_size",),
+}
+COMMON_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "num_experts_per_tok")
+# The names each config class reads the number of experts from, its own first (Mixtral and
+# Qwen3-MoE map num_experts onto num_local_experts, OLMoE the reverse; Qwen2-MoE has one).
+EXPERTS = {
+    "MixtralForCausalLM": ("num_local_experts", "num_experts"),
+    "Qwen2MoeForCausalLM": ("num_experts",),
+    "Qwen3MoeForCausalLM": ("num_local_experts", "num_experts"),
+    "OlmoeForCausalLM": ("num_experts", "num_local_experts"),
+}
+
+# transformers' defaults (its config classes, the same in 4.4x and 5.x) for the keys we read
+# that a config.json may leave out.
+_COMMON_DEFAULTS = dict(hidden_act="silu", tie_word_embeddings=False, rope_theta=10000.0,
+                        head_dim=None)
+_QWEN_DEFAULTS = dict(_COMMON_DEFAULTS, rms_norm_eps=1e-6, router_aux_loss_coef=0.001,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+                      use_sliding_window=False, sliding_window=4096,
+                      max_position_embeddings=32768)
+DEFAULTS = {
+    "MixtralForCausalLM": dict(_COMMON_DEFAULTS, num_key_value_heads=8, rms_norm_eps=1e-5,
+                               rope_theta=1e6, router_aux_loss_coef=0.001,
+                               router_jitter_noise=0.0, sliding_window=None,
+                               max_position_embeddings=4096 * 32),
+    "Qwen2MoeForCausalLM": dict(_QWEN_DEFAULTS, num_key_value_heads=16, intermediate_size=5632,
+                                shared_expert_intermediate_size=5632, qkv_bias=True),
+    "Qwen3MoeForCausalLM": dict(_QWEN_DEFAULTS, num_key_value_heads=4, intermediate_size=6144,
+                                attention_bias=False),
+    "OlmoeForCausalLM": dict(_COMMON_DEFAULTS, num_key_value_heads=None, rms_norm_eps=1e-5,
+                             router_aux_loss_coef=0.01, norm_topk_prob=False, clip_qkv=None,
+                             attention_bias=False, max_position_embeddings=4096),
+}
+
+
+def with_defaults(arch: str, build: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """``build`` on the config.json with ``arch``'s defaults filled in (and the number of
+    experts as ``num_experts``), after checking that the sizes are there and are positive
+    integers."""
+    def model_config(hf: dict) -> dict:
+        names = EXPERTS[arch]
+        experts = next((name for name in names if name in hf), names[0])
+        keys = (*COMMON_REQUIRED, *REQUIRED[arch], experts)
+        for key in keys:
+            if key not in hf:
+                raise ConversionError(f"{key}: required key is missing (a {arch} config.json "
+                                      f"gives the sizes {', '.join(keys)})")
+        for key in keys:
+            v = hf[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConversionError(f"{key}: expected a positive integer, got {v!r}")
+        return build({**DEFAULTS[arch], **hf, "num_experts": hf[experts]})
+    return model_config
 
 
 def base_hf_config(m, arch: str, model_type: str) -> dict:
@@ -203,7 +331,11 @@ def base_hf_config(m, arch: str, model_type: str) -> dict:
         "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
         "head_dim": m.resolved_head_dim, "num_experts_per_tok": m.top_k, "hidden_act": "silu",
         "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-        "tie_word_embeddings": m.tie_embeddings, "router_aux_loss_coef": m.aux_loss_coef,
+        "tie_word_embeddings": m.tie_embeddings,
+        "router_aux_loss_coef": aux_loss_coef_to_hf(m.aux_loss_coef, m.top_k),
+        # transformers' default: the aux loss is added only when this (or the forward's
+        # argument) is true; set it to fine-tune with it (aux_loss_coef_from_hf).
+        "output_router_logits": False,
         "max_position_embeddings": 4096 * 32, "sliding_window": None,
         "torch_dtype": "float32" if m.param_dtype == "float32" else "bfloat16",
     }
@@ -230,26 +362,45 @@ def qwen_hf_config(m, shared: bool) -> dict:
 
 
 def olmoe_hf_config(m) -> dict:
+    # transformers' OLMoE sizes q_norm by hidden_size and k_norm by hidden_size // heads *
+    # kv_heads whatever head_dim says: its checkpoint cannot hold other head widths.
+    if m.num_heads * m.resolved_head_dim != m.d_model:
+        raise ConversionError(
+            f"model.qk_norm: 'full' exports as OlmoeForCausalLM, whose Q/K norms transformers "
+            f"sizes for heads d_model / num_heads = {m.d_model / m.num_heads:g} wide, but "
+            f"model.head_dim is {m.resolved_head_dim}: transformers could not load the "
+            "checkpoint, and no other supported family has norms over all heads")
     return dict(base_hf_config(m, "OlmoeForCausalLM", "olmoe"), num_experts=m.num_experts,
                 intermediate_size=m.moe_d_ff, norm_topk_prob=m.renormalize_topk, clip_qkv=None)
 
 
 FAMILIES = {
-    "MixtralForCausalLM": Family("MixtralForCausalLM", mixtral_config,
+    "MixtralForCausalLM": Family("MixtralForCausalLM",
+                                 with_defaults("MixtralForCausalLM", mixtral_config),
                                  lambda m: layer_tensors(m, MIXTRAL), mixtral_hf_config),
-    "Qwen2MoeForCausalLM": Family("Qwen2MoeForCausalLM", lambda hf: qwen_config(hf, True),
+    "Qwen2MoeForCausalLM": Family("Qwen2MoeForCausalLM",
+                                  with_defaults("Qwen2MoeForCausalLM",
+                                                lambda hf: qwen_config(hf, True)),
                                   lambda m: layer_tensors(m, QWEN),
                                   lambda m: qwen_hf_config(m, True)),
-    "Qwen3MoeForCausalLM": Family("Qwen3MoeForCausalLM", lambda hf: qwen_config(hf, False),
+    "Qwen3MoeForCausalLM": Family("Qwen3MoeForCausalLM",
+                                  with_defaults("Qwen3MoeForCausalLM",
+                                                lambda hf: qwen_config(hf, False)),
                                   lambda m: layer_tensors(m, QWEN),
                                   lambda m: qwen_hf_config(m, False)),
-    "OlmoeForCausalLM": Family("OlmoeForCausalLM", olmoe_config,
+    "OlmoeForCausalLM": Family("OlmoeForCausalLM", with_defaults("OlmoeForCausalLM", olmoe_config),
                                lambda m: layer_tensors(m, QWEN), olmoe_hf_config),
 }
+
+# Fields of the training objective, not of what the model computes: export maps the first
+# (router_aux_loss_coef) and cannot carry the second (no family has a router z-loss).
+OBJECTIVE_FIELDS = ("aux_loss_coef", "z_loss_coef")
 
 
 def family_of(hf: dict) -> Family:
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ConversionError(f"architectures: expected a list of names, got {archs!r}")
     for arch in archs:
         if arch in FAMILIES:
             return FAMILIES[arch]
@@ -271,7 +422,8 @@ def family_for_export(m) -> Family:
     # Round trip: the family must read back exactly this model.
     back = family.model_config(family.hf_config(m))
     differs = {k: (getattr(m, k), v) for k, v in back.items()
-               if k not in ("head_dim", "d_ff", "shared_d_ff") and getattr(m, k) != v}
+               if k not in ("head_dim", "d_ff", "shared_d_ff", *OBJECTIVE_FIELDS)
+               and getattr(m, k) != v}
     if differs:
         raise ConversionError(f"model: no supported Hugging Face family computes this model "
                               f"({arch} would change {differs})")

@@ -19,6 +19,17 @@ from safetensors import safe_open
 from msmoe_jax.hf.families import ConversionError, Dense, Source, Stacked
 
 
+def _open(path: Path):
+    """``safe_open`` whose failures (a missing or damaged file) name the file."""
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file (named in model.safetensors.index.json)")
+    try:
+        return safe_open(path, "np")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ConversionError(f"{path}: not a readable safetensors file "
+                              f"({type(e).__name__}: {e})") from None
+
+
 class Reader:
     """The tensors of a checkpoint directory: ``model.safetensors`` or the shards listed in
     ``model.safetensors.index.json``."""
@@ -27,14 +38,21 @@ class Reader:
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index}: not a safetensors index (JSON with a "
+                                      f"weight_map): {type(e).__name__}: {e}") from None
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: weight_map: expected an object of tensor "
+                                      f"name -> file, got {type(weight_map).__name__}")
         else:
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
                 raise ConversionError(f"{self.directory}: no *.safetensors files")
             weight_map = {}
             for f in files:
-                with safe_open(f, "np") as s:
+                with _open(f) as s:
                     weight_map.update({k: f.name for k in s.keys()})
         self.weight_map = weight_map
         self._open: dict[str, object] = {}
@@ -44,7 +62,7 @@ class Reader:
             raise ConversionError(f"{self.directory}: tensor {name} is missing")
         f = self.weight_map[name]
         if f not in self._open:
-            self._open[f] = safe_open(self.directory / f, "np")
+            self._open[f] = _open(self.directory / f)
         return self._open[f]
 
     def shape(self, name: str) -> tuple[int, ...]:
