@@ -59,6 +59,12 @@ def main(argv=None) -> int:
     try:
         distributed.initialize(processes, cfg.distributed.heartbeat_timeout_s,
                                cfg.distributed.init_timeout_s)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted while joining the multi-process run", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - XLA's runtime errors carry their own text
         print(f"error: could not join the multi-process run as {processes}: "
               f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", file=sys.stderr)

@@ -98,6 +98,20 @@ def measure(name, step, state, tokens, steps: int, n: int) -> dict:
                 peak=peak_bytes(r["compiled"]), sent=r["sent"], loss=r["first_loss"])
 
 
+def plot_path(requested: str) -> Path | None:
+    """Where to write the plot: None when none was asked for, or (with a note, before the
+    benchmark runs rather than after) when matplotlib is not installed."""
+    if not requested:
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("note: matplotlib is not installed, so the plot is skipped (install it with "
+              "pip install -e '.[notebooks]')", flush=True)
+        return None
+    return Path(requested)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -131,6 +145,7 @@ def main(argv=None) -> int:
     cfg = load_cli_config(args)
     if cfg is None:
         return 2
+    png = plot_path(args.plot)
     import jax
 
     from msmoe_jax.comms import build_step
@@ -169,9 +184,9 @@ def main(argv=None) -> int:
         print(f"{r['name']:<22} {1e3 * r['seconds']:>9.0f} {r['seconds'] / ours['seconds']:>7.2f}x "
               f"{tokens_per_step / r['seconds']:>10,.0f} {peak:>11} {human(r['sent']):>11} "
               f"{r['compile_s']:>9.1f} {r['loss']:>7.4f}")
-    if args.plot:
-        plot(rows, Path(args.plot), title)
-        print(f"\nplot: {args.plot}")
+    if png is not None:
+        plot(rows, png, title)
+        print(f"\nplot: {png}")
     return 0
 
 

@@ -27,6 +27,18 @@ def abstract_like(tree: Any) -> Any:
         tree)
 
 
+def _name(path) -> str:
+    """A tree path as Orbax names the array: ``params.blocks.0.attn.wq.value``."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+
+
+def _first_sentence(e: Exception) -> str:
+    """The gist of an Orbax error, without its advice about Orbax's own API."""
+    text = " ".join(str(e).split())
+    return text.split(". ")[0][:300]
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, every: int, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
@@ -34,13 +46,20 @@ class Checkpointer:
             save_interval_steps=every, max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save)
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(),
+                               "data": ocp.JsonCheckpointHandler()})
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report them plainly
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: "
                                   f"{type(e).__name__}: {e}") from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def due(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` would write (the interval, and not yet saved)."""
+        return self.manager.should_save(step)
 
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
         """Saves when ``step`` is on the interval (or ``force``); returns whether it saved."""
@@ -50,16 +69,34 @@ class Checkpointer:
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
         """Restores ``step`` onto the shardings of ``target`` (arrays or ShapeDtypeStructs)."""
         path = self.directory / str(step)
+        # Checked first: Orbax fails on the first mismatching array with others still being
+        # read, and those then print tracebacks from its closed event loop.
+        if differ := self.mismatches(step, target):
+            raise CheckpointError(
+                f"checkpoint {path} holds arrays of other shapes than this config's: "
+                f"{'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}")
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_like(target)), data=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001
-            msg = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
             raise CheckpointError(
-                f"checkpoint {path} could not be restored ({type(e).__name__}: {msg}). It may be "
-                "corrupt or written for a different model config; delete it, or set "
-                "checkpoint.resume=false or another run.dir to start afresh.") from e
+                f"checkpoint {path} could not be restored ({type(e).__name__}: "
+                f"{_first_sentence(e)}). It may be corrupt or written for a different model "
+                "config; delete it, or set checkpoint.resume=false or another run.dir to start "
+                "afresh.") from e
         return out.state, out.data
+
+    def mismatches(self, step: int, target: Any) -> list[str]:
+        """The arrays whose saved shape differs from ``target``'s (or that only one side has),
+        from the checkpoint's metadata; empty when the metadata cannot be read."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - then restore itself reports what is wrong
+            return []
+        have = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+        want = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
+        return [f"{k} {have.get(k, 'absent')} saved, {want.get(k, 'absent')} here"
+                for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -45,9 +45,9 @@ def build_step(cfg: Config, devices=None, abstract: bool = True):
     import jax
     import numpy as np
 
-    from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding, validate_for
+    from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding
     from msmoe_jax.state import init_state
-    from msmoe_jax.trainer import make_train_step
+    from msmoe_jax.step import make_train_step
 
     devices = list(jax.devices() if devices is None else devices)
     layout = Layout.from_config(cfg, len(devices))

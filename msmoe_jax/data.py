@@ -10,8 +10,8 @@ Two sources:
 
 The stream is cut into non-overlapping windows of ``seq_len + 1`` tokens (inputs plus shifted
 targets). ``grain.MapDataset`` shuffles the window order from the seed, repeats it epoch after
-epoch and batches; its position (the next batch's index) is saved with each checkpoint, so a resumed run sees
-exactly the batches the uninterrupted run would have seen. In a multi-process run every process
+epoch and batches; its position (the next window's index) is saved with each checkpoint, so a
+resumed run sees exactly the windows the uninterrupted run would have seen. In a multi-process run every process
 reads only the rows of each global batch that its own devices hold (``GlobalBatches``).
 """
 
@@ -105,11 +105,13 @@ def make_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
 class GlobalBatches:
     """The global batches of a run, each process reading only the rows its devices hold.
 
-    Global batch ``i`` is windows ``[i * B, (i + 1) * B)`` of the window stream (what
-    ``make_dataset`` batches), whatever the number of processes. ``next(sharding)`` builds the
-    global array from process-local reads (``jax.make_array_from_callback`` asks only for the
-    addressable shards). The position is the next batch's index: saved with checkpoints, so a
-    resumed run (on any mesh or process count) sees the batches the uninterrupted one would.
+    The run reads the window stream (what ``window_dataset`` gives) in order, ``B`` windows a
+    batch, whatever the number of processes. ``next(sharding)`` builds the global array from
+    process-local reads (``jax.make_array_from_callback`` asks only for the addressable shards).
+    The position is the next window's index, saved with checkpoints in windows rather than
+    batches, so a run resumed with another ``train.batch_size`` (or on another mesh or process
+    count) goes on exactly where the saved run stopped. Windows of another ``train.seq_len``
+    would be other windows, so that change is refused on resume.
     """
 
     def __init__(self, cfg: Config):
@@ -117,11 +119,10 @@ class GlobalBatches:
         self.windows = window_dataset(load_tokens(cfg.data), cfg.train.seq_len, cfg.seed,
                                       cfg.model.vocab_size, name)
         self.shape = (cfg.train.batch_size, cfg.train.seq_len + 1)
-        self.position = 0
+        self.position = 0  # the next window
 
-    def rows(self, batch: int, lo: int, hi: int) -> np.ndarray:
-        """Rows ``lo:hi`` of global batch ``batch``: int32 [hi - lo, seq_len + 1]."""
-        first = batch * self.shape[0]
+    def rows(self, first: int, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of the batch starting at window ``first``: int32 [hi - lo, s + 1]."""
         return np.stack([self.windows[first + i] for i in range(lo, hi)])
 
     def next(self, sharding) -> jax.Array:
@@ -134,14 +135,27 @@ class GlobalBatches:
             return read[(lo, hi)][(slice(None), *index[1:])]
 
         out = jax.make_array_from_callback(self.shape, sharding, shard)
-        self.position += 1
+        self.position += self.shape[0]
         return out
 
     def get_state(self) -> dict:
-        return {"next_batch": self.position}
+        return {"next_window": self.position, "seq_len": self.shape[1] - 1}
 
-    def set_state(self, state: dict) -> None:
-        if "next_batch" not in state:
-            raise DataError(f"the checkpoint's data position {state} has no 'next_batch'; it was "
-                            "written by an older version: set checkpoint.resume=false")
-        self.position = int(state["next_batch"])
+    def set_state(self, state: dict, saved_batch_size: int | None = None) -> None:
+        """Restores a saved position. Checkpoints written before positions were counted in
+        windows hold ``next_batch``: that many batches of ``saved_batch_size`` (the saved
+        run's ``train.batch_size``; this run's when unknown)."""
+        seq_len = self.shape[1] - 1
+        if "next_window" in state:
+            if state.get("seq_len", seq_len) != seq_len:
+                raise DataError(
+                    f"train.seq_len: the checkpoint was trained on windows of "
+                    f"{state['seq_len']} tokens, this config cuts {seq_len}; other windows "
+                    "would repeat or skip data. Keep train.seq_len, or start afresh "
+                    "(checkpoint.resume=false or another run.dir)")
+            self.position = int(state["next_window"])
+        elif "next_batch" in state:
+            self.position = int(state["next_batch"]) * (saved_batch_size or self.shape[0])
+        else:
+            raise DataError(f"the checkpoint's data position {state} has neither 'next_window' "
+                            "nor 'next_batch'; set checkpoint.resume=false to start afresh")

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
+import sys
+import time
 
 # Cluster managers whose task counts JAX reads itself (jax._src.clusters), by the variable
 # that holds the number of tasks.
@@ -98,6 +101,8 @@ def initialize(spec: ProcessSpec, heartbeat_timeout_s: int, init_timeout_s: int)
     """
     if not spec.multi_process:
         return
+    if spec.coordinator is not None and spec.process_id != 0:
+        wait_for_coordinator(spec.coordinator, init_timeout_s)
     import jax
 
     # Only the CPU client reads this; without it CPU processes cannot run collectives together.
@@ -106,3 +111,42 @@ def initialize(spec: ProcessSpec, heartbeat_timeout_s: int, init_timeout_s: int)
         coordinator_address=spec.coordinator, num_processes=spec.num_processes,
         process_id=spec.process_id, initialization_timeout=init_timeout_s,
         heartbeat_timeout_seconds=heartbeat_timeout_s)
+
+
+def wait_for_coordinator(address: str, timeout_s: float, every_s: float = 10.0,
+                         say=lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
+    """Waits until something listens at ``address`` (HOST:PORT), at most ``timeout_s``.
+
+    JAX's own wait for the coordinator blocks in C++ (Ctrl-C does nothing) and ends in an
+    abort; this wait is Python's, so it reports progress every ``every_s``, stops on Ctrl-C,
+    and ends in a DistributedError naming the address. A host name that does not resolve
+    fails at once.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        port_number = int(port)
+        socket.getaddrinfo(host, port_number, type=socket.SOCK_STREAM)
+    except ValueError:
+        raise DistributedError(f"--coordinator: expected HOST:PORT, got {address!r}") from None
+    except socket.gaierror as e:
+        raise DistributedError(f"--coordinator {address}: cannot resolve host {host!r} "
+                               f"({e.strerror})") from None
+    start = time.monotonic()
+    next_note = start + every_s
+    while True:
+        try:
+            with socket.create_connection((host, port_number), timeout=min(2.0, timeout_s)):
+                return
+        except OSError:
+            pass
+        now = time.monotonic()
+        if now - start >= timeout_s:
+            raise DistributedError(
+                f"--coordinator {address}: nothing answered within "
+                f"distributed.init_timeout_s={timeout_s:g}s; is process 0 running, and can this "
+                "host reach that port?")
+        if now >= next_note:
+            say(f"waiting for the coordinator at {address} ({now - start:.0f}s of "
+                f"{timeout_s:g}s)")
+            next_note = now + every_s
+        time.sleep(min(0.5, max(0.0, timeout_s - (now - start))))

@@ -1,214 +1,112 @@
-"""The training loop: state initialisation, the compiled step, logging and checkpoints."""
+"""The training loop: open the run directory, start or resume the state, run the steps, log,
+and save checkpoints that hold only finite states."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import sys
-import time
+import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import numpy as np
-import optax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from msmoe_jax import flops
+from msmoe_jax import flops, hooks, rundir
 from msmoe_jax.checkpoint import CheckpointError, Checkpointer
-from msmoe_jax.config import Config, ConfigError
+from msmoe_jax.config import Config
 from msmoe_jax.convert import restore_params
 from msmoe_jax.data import GlobalBatches
 from msmoe_jax.hf.families import ConversionError
-from msmoe_jax.optim import lr_schedule
+from msmoe_jax.observe import (MetricsLog, OverflowWatch, Profile, Throughput, info, lead,
+                               to_record)
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, make_mesh, sharding
-from msmoe_jax.parallel.strategy import make_grad_fn
 from msmoe_jax.state import init_state, state_from_params
+from msmoe_jax.step import make_train_step
 
 
-def load_params(path: str, cfg: Config, mesh: Mesh, layout: Layout):
-    try:
-        return restore_params(path, cfg, mesh, layout)
-    except ConversionError as e:
-        raise CheckpointError(f"checkpoint.init_from: {e}") from e
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradients were not finite; phrased for the user."""
 
 
-def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout, specs,
-                    on_trace: Callable | None = None):
-    """A jitted ``step(state, tokens) -> (state, metrics)``; ``on_trace`` runs at each trace.
-    The new state keeps the layout of ``specs``."""
-    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout, specs["params"])
-    schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
-
-    def step(state, tokens):
-        if on_trace is not None:
-            on_trace()
-        metrics, grads = grad_fn(state["params"], tokens)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-    state_shardings = jax.tree.map(lambda spec: sharding(mesh, spec), specs)
-    return jax.jit(step, donate_argnums=0,
-                   out_shardings=(state_shardings, sharding(mesh, REPLICATED)))
-
-
-def lead() -> bool:
-    """Whether this is the process that logs and writes metrics (process 0)."""
-    return jax.process_index() == 0
-
-
-class MetricsLog:
-    """metrics.jsonl in the run directory plus console output (a tqdm bar on a terminal) and,
-    optionally, TensorBoard. Only process 0 writes; the other processes' logs do nothing."""
-
-    def __init__(self, run_dir: Path, total: int, start: int, progress: str,
-                 tensorboard: bool = False):
-        self.file = self.bar = self.tb = None
-        if not lead():
-            return
-        self.path = run_dir / "metrics.jsonl"
-        self._drop_records_after(start)  # a resumed run rewrites the steps it redoes
-        self.file = open(self.path, "a")
-        use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty())
-        if use_bar:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        if tensorboard:
-            self.tb = tensorboard_writer(run_dir / "tensorboard")
-
-    def _drop_records_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
-
-    def write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            write_tensorboard(self.tb, record)
-        text = (f"step {record['step']:>6} | loss {record['loss']:.4f} | ce {record['ce']:.4f}"
-                + (f" | aux {record['aux_loss']:.4f} | z {record['z_loss']:.3f}"
-                   f" | drop {record['dropped_frac']:.3f}" if "aux_loss" in record else "")
-                + (f" | {record['tokens_per_sec']:,.0f} tok/s | MFU {100 * record['mfu']:.2f}%"
-                   if record["tokens_per_sec"] is not None else " | tok/s n/a (compiling)"))
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def tensorboard_writer(directory: Path):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        raise ConfigError("run.tensorboard: needs the tensorboardX package; install it with "
-                          "pip install -e '.[tensorboard]' or set run.tensorboard=false") from None
-    return SummaryWriter(str(directory))
-
-
-def write_tensorboard(writer, record: dict) -> None:
-    """Scalars as they are; per MoE layer the busiest expert's load over the mean load and
-    the dropped assignments."""
-    step = record["step"]
-    for key, value in record.items():
-        if isinstance(value, (int, float)) and key != "step":
-            writer.add_scalar(f"train/{key}", value, step)
-    for i, counts in enumerate(record.get("expert_tokens", [])):
-        mean = max(sum(counts) / len(counts), 1e-9)
-        writer.add_scalar(f"moe/layer{i}/max_load_over_mean", max(counts) / mean, step)
-        writer.add_scalar(f"moe/layer{i}/dropped_tokens", record["dropped_tokens"][i], step)
-    writer.flush()
-
-
-OVERFLOW_WARN = 0.01  # dropless runs: warn when more of the assignments than this overflow
-
-
-class OverflowWatch:
-    """Dropless runs lose no assignment to capacity, so any ``dropped_frac`` is rows that did
-    not fit the bounded exchange buffers (``parallel.buffer_factor``): warn past
-    ``OVERFLOW_WARN``, at the first such step and then at most every ``every`` steps."""
-
-    def __init__(self, cfg: Config, every: int = 100):
-        self.factor = cfg.parallel.buffer_factor
-        self.active = cfg.model.moe_mode == "dropless" and cfg.model.num_experts > 0
-        self.every, self.last = every, None
-
-    def check(self, record: dict) -> str | None:
-        frac, step = record.get("dropped_frac", 0.0), record["step"]
-        if not self.active or frac <= OVERFLOW_WARN:
-            return None
-        if self.last is not None and step - self.last < self.every:
-            return None
-        self.last = step
-        return (f"warning: step {step}: {frac:.1%} of the expert assignments overflowed the "
-                f"dropless exchange buffers (parallel.buffer_factor={self.factor}) and were "
-                "dropped; raise parallel.buffer_factor, or set it to 'worst_case'")
-
-
-def to_record(metrics: dict) -> dict:
-    """Device metrics as JSON values: floats, and nested lists for the per-layer arrays."""
-    return {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-            for k, v in jax.device_get(metrics).items()}
-
-
-def info(msg: str) -> None:
-    if lead():
-        print(msg, flush=True)
-
-
-class Profile:
-    """A JAX profiler trace of ``steps`` steps from ``first`` (0-based; after the compiling
-    step), written under ``directory`` for TensorBoard's profile plugin or Perfetto."""
-
-    def __init__(self, directory: Path, first: int, steps: int):
-        self.directory, self.first, self.last = directory, first, first + steps
-        self.running = False
-
-    def at(self, step: int, pending=None) -> None:
-        """Call before running ``step``; ``pending``: the previous step's outputs."""
-        if step == self.first and self.last > self.first:
-            jax.profiler.start_trace(str(self.directory))
-            self.running = True
-        elif step == self.last:
-            self.stop(pending)
-
-    def stop(self, pending=None) -> None:
-        if self.running:
-            jax.block_until_ready(pending)  # the traced steps run asynchronously
-            jax.profiler.stop_trace()
-            self.running = False
-            info(f"profiler trace of steps {self.first + 1}..{self.last} in {self.directory}")
-
-
-# Fault injection for the kill-and-resume test: SIGKILL this process right after this step.
-KILL_AFTER_STEP_ENV = "MSMOE_TEST_KILL_AFTER_STEP"
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, set up by ``start``."""
+    cfg: Config
+    run_dir: Path
+    mesh: Mesh
+    layout: Layout
+    graphdef: Any
+    optimizer: Any
+    specs: Any
+    state: Any
+    data: GlobalBatches
+    ckpt: Checkpointer | None
+    first_step: int  # 0, or the step the run resumed at
 
 
 def train(cfg: Config, devices=None) -> dict[str, Any]:
     """Runs (or resumes) training as configured. Returns a summary of the run."""
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if lead():
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    run_dir = rundir.prepare(cfg.run.dir)
+    lock = rundir.RunLock(run_dir) if lead() else None
+    ckpt = None
+    try:
+        if cfg.checkpoint.every > 0:
+            ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every,
+                                cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        return loop(start(cfg, run_dir, devices, ckpt))
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        if lock is not None:
+            lock.release()
+
+
+def loop(run: Run) -> dict[str, Any]:
+    cfg, ckpt, data, state = run.cfg, run.ckpt, run.data, run.state
+    traces = []
+    step_fn = make_train_step(cfg, run.graphdef, run.optimizer, run.mesh, run.layout, run.specs,
+                              on_trace=lambda: traces.append(1))
+    batches = sharding(run.mesh, run.layout.batch)
+    last = cfg.train.steps
+    if run.first_step >= last:
+        info(f"nothing to do: the run in {run.run_dir} is already at step {run.first_step} of "
+             f"{last} (raise train.steps to continue it)")
+    log = MetricsLog(run.run_dir, last, run.first_step, cfg.run.progress, cfg.run.tensorboard)
+    profile = Profile(run.run_dir / "profile", run.first_step + 1, cfg.run.profile_steps)
+    overflow, meter = OverflowWatch(cfg), Throughput(cfg, run.mesh.size)
+    finite = FiniteWatch(run.mesh, run.first_step)
+    history, metrics = [], None
+    try:
+        for step in range(run.first_step, last):
+            profile.at(step, metrics)
+            state, metrics = step_fn(state, data.next(batches))
+            finite.note(metrics["finite"])
+            meter.after_step(metrics)
+            done = step + 1
+            log.advance(1)
+            if done % cfg.train.log_every == 0 or done in (run.first_step + 1, last):
+                finite.check(ckpt)  # the metrics' transfer syncs here anyway
+                record = {"step": done, **to_record(metrics), **meter.rates()}
+                log.write(record)
+                if warning := overflow.check(record):
+                    info(warning)
+                history.append(record)
+            if ckpt is not None and (ckpt.due(done) or done == last):
+                finite.check(ckpt)  # the save waits for this step anyway
+                ckpt.save(done, state, data.get_state(), force=done == last)
+            hooks.after_step(done)
+        finite.check(ckpt)
+    finally:
+        profile.stop(metrics)
+        log.close()
+    return {"history": history, "traces": len(traces), "start_step": run.first_step,
+            "state": state, "mesh": run.mesh, "layout": run.layout}
+
+
+def start(cfg: Config, run_dir: Path, devices, ckpt: Checkpointer | None) -> Run:
+    """The mesh, the data and the state: fresh, initialised from ``checkpoint.init_from`` or
+    resumed from the run directory's latest checkpoint. Writes ``config.json`` once the state
+    is there (a refused resume leaves the directory as it was)."""
     devices = list(jax.devices() if devices is None else devices)
     layout = Layout.from_config(cfg, len(devices))
     mesh = make_mesh(layout, devices)
@@ -217,84 +115,83 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     info(f"mesh {dict(mesh.shape)} over {mesh.size} {devices[0].platform} devices{hosts}")
 
     data = GlobalBatches(cfg)
-    ckpt, latest = None, None
-    if cfg.checkpoint.every > 0:
-        ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
-                            cfg.checkpoint.async_save)
-        latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    latest = ckpt.latest_step() if ckpt is not None and cfg.checkpoint.resume else None
     init_from = cfg.checkpoint.init_from if latest is None else None
     # Resuming restores into abstract arrays: the fresh model is never materialised.
     graphdef, optimizer, state, specs = init_state(
         cfg, mesh, layout, abstract=latest is not None or init_from is not None)
     if init_from is not None:
-        state = state_from_params(load_params(init_from, cfg, mesh, layout), optimizer, mesh,
-                                  specs)
+        try:
+            params = restore_params(init_from, cfg, mesh, layout)
+        except ConversionError as e:
+            raise CheckpointError(f"checkpoint.init_from: {e}") from e
+        state = state_from_params(params, optimizer, mesh, specs)
         info(f"initialised the parameters from {init_from}")
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     info(f"model: {n_params:,} parameters, "
          f"{flops.active_matmul_params(cfg.model):,} active matmul parameters per token")
-    start = 0
+    first_step = 0
     if latest is not None:
-        state, data_state = ckpt.restore(latest, state)
-        data.set_state(data_state)
-        start = int(state["step"])
-        info(f"resumed from {ckpt.directory / str(latest)} at step {start}")
+        assert ckpt is not None
+        state = resume(cfg, run_dir, ckpt, latest, state, data)
+        first_step = int(state["step"])
+        info(f"resumed from {ckpt.directory / str(latest)} at step {first_step}")
+    if lead():
+        rundir.write_config(run_dir, cfg.to_dict())
+    return Run(cfg, run_dir, mesh, layout, graphdef, optimizer, specs, state, data, ckpt,
+               first_step)
 
-    traces = []
-    step_fn = make_train_step(cfg, graphdef, optimizer, mesh, layout, specs,
-                              on_trace=lambda: traces.append(1))
-    batch_sharding = sharding(mesh, layout.batch)
-    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.train.seq_len)
-    peak = flops.peak_flops_per_device(cfg.run.peak_tflops)
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
 
-    if start >= cfg.train.steps:
-        info(f"nothing to do: the run in {run_dir} is already at step {start} of "
-             f"{cfg.train.steps} (raise train.steps to continue it)")
-    log = MetricsLog(run_dir, cfg.train.steps, start, cfg.run.progress, cfg.run.tensorboard)
-    profile = Profile(run_dir / "profile", start + 1, cfg.run.profile_steps)
-    overflow = OverflowWatch(cfg)
-    history = []
-    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
-    t_last, steps_since, metrics = None, 0, None
+def resume(cfg: Config, run_dir: Path, ckpt: Checkpointer, step: int, target,
+           data: GlobalBatches):
+    """The state of checkpoint ``step`` on ``target``'s shardings; sets the data position.
+    A checkpoint of another model is refused naming the model fields that changed (from the
+    ``config.json`` the saved run wrote)."""
+    saved = rundir.saved_config(run_dir)
     try:
-        for step in range(start, cfg.train.steps):
-            profile.at(step, metrics)
-            tokens = data.next(batch_sharding)
-            if t_last is None:
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, tokens)
-                jax.block_until_ready(metrics)
-                info(f"compiled and ran the first step in {time.perf_counter() - t0:.1f}s")
-                t_last = time.perf_counter()
-            else:
-                state, metrics = step_fn(state, tokens)
-                steps_since += 1
-            done = step + 1
-            log.advance(1)
-            if done % cfg.train.log_every == 0 or done in (start + 1, cfg.train.steps):
-                record = {"step": done, **to_record(metrics)}
-                now = time.perf_counter()
-                # Throughput excludes the first step (compilation); null until measurable.
-                tps = steps_since * tokens_per_step / (now - t_last) if steps_since else None
-                t_last, steps_since = now, 0
-                record.update(tokens_per_sec=tps, mfu=None if tps is None else
-                              flops.mfu(flops_per_token, tps, mesh.size, peak))
-                if not np.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss is {record['loss']} at step {done}; "
-                                             "lower optimizer.lr or check the data")
-                log.write(record)
-                if warning := overflow.check(record):
-                    info(warning)
-                history.append(record)
-            if ckpt is not None:
-                ckpt.save(done, state, data.get_state(), force=done == cfg.train.steps)
-            if done == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        profile.stop(metrics)
-        log.close()
-        if ckpt is not None:
-            ckpt.close()
-    return {"history": history, "traces": len(traces), "start_step": start, "state": state,
-            "mesh": mesh, "layout": layout}
+        state, data_state = ckpt.restore(step, target)
+    except CheckpointError:
+        changed = rundir.differences(saved, cfg.to_dict(), "model") if saved else []
+        if not changed:
+            raise
+        raise CheckpointError(
+            f"run.dir={run_dir}: cannot resume from step {step}: its checkpoint holds another "
+            f"model ({'; '.join(changed)}, saved -> this config). Set those fields back, or "
+            "start afresh with checkpoint.resume=false or another run.dir") from None
+    data.set_state(data_state, (saved or {}).get("train", {}).get("batch_size"))
+    return state
+
+
+class FiniteWatch:
+    """The first step whose loss or gradients were not finite (0: none yet), kept on the
+    devices: noting a step is one more tiny asynchronous computation, and reading the result
+    happens only where the loop waits for the devices anyway (logged steps, checkpoints, the
+    end). The step itself already left the state unchanged (``step.make_train_step``)."""
+
+    def __init__(self, mesh: Mesh, first_step: int):
+        replicated = sharding(mesh, REPLICATED)
+        self.first_bad, self.done = jax.jit(
+            lambda: (jnp.zeros((), jnp.int32), jnp.full((), first_step, jnp.int32)),
+            out_shardings=(replicated, replicated))()
+        self._note = jax.jit(
+            lambda bad, done, ok: (jnp.where((bad == 0) & ~ok, done + 1, bad), done + 1),
+            out_shardings=(replicated, replicated))
+
+    def note(self, finite) -> None:
+        self.first_bad, self.done = self._note(self.first_bad, self.done, finite)
+
+    def check(self, ckpt: Checkpointer | None) -> None:
+        bad = int(self.first_bad)
+        if not bad:
+            return
+        saved = ckpt.latest_step() if ckpt is not None else None
+        rerun = (f"it resumes from the last checkpoint, step {saved}, which is finite (if the "
+                 "run was diverging already there, delete that step's directory, or set "
+                 "checkpoint.resume=false)"
+                 if saved is not None else
+                 "it starts afresh (checkpoints are off: checkpoint.every=0)" if ckpt is None
+                 else "it starts afresh (no checkpoint was saved before that step)")
+        raise NonFiniteError(
+            f"step {bad}: the loss or the gradients are not finite (the first such step). It was "
+            "not applied, and no state from it on was saved. Lower optimizer.lr (or raise "
+            f"optimizer.warmup_steps), or check the data, and rerun: {rerun}")

@@ -1,6 +1,7 @@
 """Helpers the tests share: a tiny config, the train.py CLI in a subprocess, metrics files.
 (JAX's device flags are set by conftest.py, which pytest loads first.)"""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -41,10 +42,19 @@ def write_config(cfg, path):
     return path
 
 
-def run_cli(*args, env=None, timeout=300):
+def train_command(kill_after: int | None = None) -> list[str]:
+    """The command line of train.py, or of train_with_faults.py that SIGKILLs the process
+    right after step ``kill_after``."""
+    if kill_after is None:
+        return [sys.executable, str(ROOT / "train.py")]
+    return [sys.executable, str(ROOT / "tests" / "train_with_faults.py"), "--kill-after",
+            str(kill_after)]
+
+
+def run_cli(*args, env=None, timeout=300, kill_after: int | None = None):
     """Runs train.py in a fresh process (8 simulated CPU devices) and returns the result."""
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)],
+    return subprocess.run([*train_command(kill_after), *map(str, args)],
                           capture_output=True, text=True, env=full_env, timeout=timeout,
                           cwd=str(ROOT))
 
@@ -52,3 +62,12 @@ def run_cli(*args, env=None, timeout=300):
 def read_metrics(run_dir):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def load_script(path):
+    """A script of the repository (train.py, benchmarks/x.py) as a module, by path."""
+    path = ROOT / path
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,15 +1,13 @@
 """benchmarks/compare.py runs end to end on tiny shapes (a smoke run: no timing assertions)."""
 
-import importlib.util
+import sys
+from pathlib import Path
 
-from support import ROOT
+from support import load_script
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def test_compare_smoke_run(tmp_path, capsys):
@@ -28,3 +26,14 @@ def test_compare_smoke_run(tmp_path, capsys):
     # The three train the same model: the same first-step loss.
     assert len({row.split()[-1] for row in rows}) == 1, rows
     assert png.stat().st_size > 10_000
+
+
+def test_compare_without_matplotlib_skips_the_plot_up_front(monkeypatch, capsys):
+    """Without matplotlib the plot is dropped with a note before the benchmark runs (it used
+    to run the whole benchmark and then fail on the import)."""
+    compare = load("compare")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert compare.plot_path("runs/bench/compare.png") is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert compare.plot_path("x.png") == Path("x.png") and compare.plot_path("") is None

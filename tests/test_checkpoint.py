@@ -9,7 +9,7 @@ from support import read_metrics, run_cli, tiny_config, write_config
 from msmoe_jax.checkpoint import Checkpointer
 from msmoe_jax.parallel.mesh import Layout, make_mesh
 from msmoe_jax.state import init_state
-from msmoe_jax.trainer import KILL_AFTER_STEP_ENV, train
+from msmoe_jax.trainer import train
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
@@ -21,8 +21,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     r = run_cli("--config", config, "--set", f"run.dir={full}")
     assert r.returncode == 0, r.stderr
 
-    r = run_cli("--config", config, "--set", f"run.dir={broken}",
-                env={KILL_AFTER_STEP_ENV: "7"})
+    r = run_cli("--config", config, "--set", f"run.dir={broken}", kill_after=7)
     assert r.returncode == -9, (r.returncode, r.stderr)  # SIGKILL: no cleanup, no final save
     assert [m["step"] for m in read_metrics(broken)] == list(range(1, 8))
 

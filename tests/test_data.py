@@ -1,5 +1,7 @@
 """Input pipeline: deterministic order, resumable position, token files, clear errors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -90,9 +92,37 @@ def test_global_batches_match_the_batched_stream_on_any_sharding(tmp_path):
         batch = data.next(NamedSharding(mesh, spec))
         assert batch.shape == (8, 33) and batch.sharding.spec == spec
         np.testing.assert_array_equal(np.asarray(batch), next(expected))
-    assert data.get_state() == {"next_batch": 3}
-    data.set_state({"next_batch": 1})
-    np.testing.assert_array_equal(data.rows(1, 2, 5), np.asarray(data.next(
+    assert data.get_state() == {"next_window": 24, "seq_len": 32}
+    data.set_state({"next_batch": 1})  # a checkpoint from before positions counted windows
+    np.testing.assert_array_equal(data.rows(8, 2, 5), np.asarray(data.next(
         NamedSharding(mesh, P())))[2:5])
-    with pytest.raises(DataError, match="next_batch"):
+    with pytest.raises(DataError, match="next_window"):
         data.set_state({"position": 3})
+
+
+def test_resuming_with_another_batch_size_continues_the_window_stream(tmp_path):
+    """Three batches of 8, resumed with batches of 16 (or 4): the next batch starts at window
+    24 either way, so no window is skipped or repeated. Another seq_len is refused."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from support import tiny_config
+    from msmoe_jax.data import GlobalBatches, load_tokens, window_dataset
+
+    cfg = tiny_config(tmp_path)
+    replicated = NamedSharding(jax.make_mesh((8,), ("data",)), P())
+    saved = GlobalBatches(cfg)
+    for _ in range(3):
+        saved.next(replicated)
+    stream = window_dataset(load_tokens(cfg.data), cfg.train.seq_len, cfg.seed,
+                            cfg.model.vocab_size)
+    for batch_size in (16, 4):
+        other = GlobalBatches(dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size)))
+        other.set_state(saved.get_state())
+        np.testing.assert_array_equal(np.asarray(other.next(replicated)),
+                                      np.stack([stream[24 + i] for i in range(batch_size)]))
+    longer = GlobalBatches(dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, seq_len=64)))
+    with pytest.raises(DataError, match="train.seq_len"):
+        longer.set_state(saved.get_state())

@@ -9,11 +9,10 @@ time instead of leaving it in a collective forever.
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
-from support import ROOT, read_metrics
+from support import ROOT, read_metrics, train_command
 
 from msmoe_jax.config import load_config
 from msmoe_jax.trainer import train
@@ -37,14 +36,13 @@ def start_processes(run_dir, *overrides, kill_after: dict[int, int] | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for pid in range(2):
-        child = dict(env, MSMOE_TEST_KILL_AFTER_STEP=str((kill_after or {}).get(pid, 0)))
-        args = [sys.executable, str(ROOT / "train.py"), "--config", str(DEFAULT),
+        args = [*train_command((kill_after or {}).get(pid)), "--config", str(DEFAULT),
                 "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                 "--process-id", str(pid), "--set", "run.cpu_devices=4",
                 "--set", f"run.dir={run_dir}", "--set", "run.progress=lines",
                 *[a for o in overrides for a in ("--set", o)]]
         out = open(run_dir / f"process{pid}.log", "w")
-        procs.append(subprocess.Popen(args, env=child, cwd=str(ROOT), stdout=out,
+        procs.append(subprocess.Popen(args, env=env, cwd=str(ROOT), stdout=out,
                                       stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -77,10 +75,10 @@ def test_two_processes_train_like_one(tmp_path):
     # The same run in this process (8 devices), and the two-process checkpoint resumed here.
     overrides = [o for o in common if "checkpoint.every" not in o]
     one = load_config(DEFAULT, ["train.steps=6", "checkpoint.every=0", "run.progress=lines",
-                                f"run.dir={tmp_path / 'one'}", *overrides], device_count=8)
+                                f"run.dir={tmp_path / 'one'}", *overrides])
     ref = [r["loss"] for r in train(one)["history"]]
     resumed = load_config(DEFAULT, ["train.steps=6", "run.progress=lines", f"run.dir={two}",
-                                    *common], device_count=8)
+                                    *common])
     out = train(resumed)
     assert out["start_step"] == 4
 
