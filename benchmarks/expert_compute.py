@@ -1,6 +1,7 @@
 """Local expert compute: dense padded einsum vs grouped GEMM (ragged_dot), forward + backward.
 
-    python benchmarks/expert_compute.py [--tokens 2048 --d-model 128 --d-ff 256 --experts 8 --top-k 2]
+    python benchmarks/expert_compute.py [--tokens 2048 --d-model 128 --d-ff 256 --experts 8
+                                         --top-k 2]
 
 Both paths run on the same device, shapes and routing in one process; the table shows time per
 forward+backward and the ratio to the padded path. On a CPU only the ratios mean anything; this
@@ -17,9 +18,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msmoe_jax.model.moe import (ExpertWeights, experts_padded,  # noqa: E402
-                                 experts_ragged, route_topk)
 from benchmarks.timing import timed  # noqa: E402
+from msmoe_jax.model.moe import ExpertWeights, experts_padded, experts_ragged, route_topk  # noqa: E402
 
 
 def main() -> None:

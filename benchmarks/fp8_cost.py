@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from msmoe_jax.parallel import fp8
 from benchmarks.timing import timed
+from msmoe_jax.parallel import fp8
 
 # name: (tokens per device, d_model, top_k)
 SHAPES = {

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import timed
 from msmoe_jax.kernels.experts import fused_experts, pallas_dot
 from msmoe_jax.kernels.grouped_gemm import Tiles, grouped_matmul
 from msmoe_jax.model.moe import ExpertWeights, grouped_experts
-from benchmarks.timing import timed
 
 # name: (hidden, expert ffn, experts, top_k)
 SHAPES = {

@@ -15,7 +15,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msmoe_jax.cli import add_config_args, load_cli_config  # noqa: E402
 from msmoe_jax.config import ConfigError  # noqa: E402
@@ -50,8 +49,8 @@ def main() -> int:
         return 2
     import jax
 
-    from msmoe_jax.comms import build_step
     from benchmarks.timing import time_train_step
+    from msmoe_jax.comms import build_step
     from msmoe_jax.parallel.comm_bytes import human
     from msmoe_jax.parallel.mesh import validate_for
 

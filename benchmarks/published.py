@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from msmoe_jax.config import config_from_dict
-    from msmoe_jax.parallel.mesh import Layout, validate_for
     from msmoe_jax.flops import train_flops_per_token
+    from msmoe_jax.parallel.mesh import Layout, validate_for
     from msmoe_jax.steptime.report import analyse, compile_texts, format_report
 
     print("| published | modelled layout | predicted tokens/s/GPU | published tokens/s/GPU "

@@ -81,7 +81,7 @@ def step_collectives(cfg: Config, devices=None, hlo: str = "compiled"):
         depths = h100.depths(cfg)
         found = [collectives(h100.compile_step(cfg, n, layers=d).text, n) for d in depths]
         if len(found) == 2:  # two depths, two MoE blocks apart: add the blocks missing
-            found = [more_blocks(*found, (cfg.model.num_layers - depths[1]) // 2)]
+            found = [more_blocks(found[0], found[1], (cfg.model.num_layers - depths[1]) // 2)]
         return Layout.from_config(cfg, n), found[0]
     layout, mesh, step, state, tokens = build_step(cfg, devices)
     lowered = step.lower(state, tokens)

@@ -13,6 +13,7 @@ import math
 import types
 import typing
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
@@ -264,7 +265,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Checks combinations of fields. The checks that need the device count live with the
         mesh: ``parallel.mesh.validate_for(cfg, device_count)``."""
         m, t = self.model, self.train
@@ -335,7 +336,8 @@ class Config:
         need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
              f"must be in [0, 1], got {o.min_lr_ratio}")
         need(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-        need(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+        need(o.grad_clip >= 0, "optimizer.grad_clip",
+             f"must be >= 0 (0 disables), got {o.grad_clip}")
         need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
         need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1/b2",
              f"must be in [0, 1), got b1={o.b1}, b2={o.b2}")
@@ -352,7 +354,7 @@ class Config:
         d = self.data
         if d.source == "tokens":
             need(d.path is not None, "data.path", "is required when data.source is 'tokens'")
-            need(Path(d.path).is_file(), "data.path", f"no such file: {d.path}")
+            need(Path(d.path or "").is_file(), "data.path", f"no such file: {d.path}")
         elif d.path is not None:
             raise ConfigError("data.path: only used with data.source='tokens' "
                               f"(data.source is {d.source!r})")
@@ -430,7 +432,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     raise ConfigError(f"{field}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -467,7 +469,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
         node = raw
@@ -480,12 +482,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
+def config_from_dict(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
     raw = apply_overrides(dict(raw or {}), list(overrides))
     return _build(Config, raw, "")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Loads ``path`` (None: all defaults), applies overrides and validates."""
     raw: dict[str, Any] = {}
     if path is not None:

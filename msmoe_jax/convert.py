@@ -272,7 +272,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, cfg: Config,
 def read_config(path: str | Path | None, overrides: list[str]) -> Config:
     """``config.load_config`` with ``validate_run``'s checks: the data section does not judge
     the model (an imported model's config.yaml may carry a data note)."""
-    raw = {}
+    raw: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -11,8 +11,9 @@ Two sources:
 The stream is cut into non-overlapping windows of ``seq_len + 1`` tokens (inputs plus shifted
 targets). ``grain.MapDataset`` shuffles the window order from the seed, repeats it epoch after
 epoch and batches; its position (the next window's index) is saved with each checkpoint, so a
-resumed run sees exactly the windows the uninterrupted run would have seen. In a multi-process run every process
-reads only the rows of each global batch that its own devices hold (``GlobalBatches``).
+resumed run sees exactly the windows the uninterrupted run would have seen. In a
+multi-process run every process reads only the rows of each global batch that its own devices
+hold (``GlobalBatches``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def token_file(path: str, dtype: str) -> np.ndarray:
 def load_tokens(cfg: DataConfig) -> np.ndarray:
     if cfg.source == "stdlib":
         return stdlib_corpus(cfg.max_bytes)
+    assert cfg.path is not None  # Config.validate: data.path is set for source 'tokens'
     return token_file(cfg.path, cfg.token_dtype)
 
 

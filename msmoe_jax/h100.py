@@ -70,7 +70,9 @@ def memory_capacity() -> int:
     """Bytes of one target GPU's memory (the target description's device_memory_size)."""
     import re
 
-    return int(re.search(r"device_memory_size:\s*(\d+)", TARGET.read_text()).group(1))
+    found = re.search(r"device_memory_size:\s*(\d+)", TARGET.read_text())
+    assert found, f"{TARGET} has no device_memory_size"
+    return int(found.group(1))
 
 
 def available() -> bool:
@@ -96,7 +98,7 @@ class Memory(NamedTuple):
         allocation, after buffer assignment reused what it could): what the step reserves."""
         return self.arguments + self.outputs - self.aliased + self.temporaries
 
-    def scaled(self, other: "Memory", factor: float) -> "Memory":
+    def scaled(self, other: Memory, factor: float) -> Memory:
         """self + factor x (other - self), field by field (linear extrapolation)."""
         return Memory(*(round(a + factor * (b - a)) for a, b in zip(self, other)))
 
@@ -189,7 +191,8 @@ def _compile(lowered, options: dict):
             unknown = re.search(r"No such compile option:?\s*'?([\w.]+)", str(e))
             if not unknown or unknown.group(1) not in options:
                 raise
-            warnings.warn(f"this XLA has no option {unknown.group(1)}; compiling without it")
+            warnings.warn(f"this XLA has no option {unknown.group(1)}; compiling without it",
+                          stacklevel=2)
             options = {k: v for k, v in options.items() if k != unknown.group(1)}
 
 

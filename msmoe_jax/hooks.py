@@ -4,7 +4,7 @@ wrapper can install hooks before train.py sets the device flags."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 # Each is called with the number of the step that just completed (1-based), on every process.
 AFTER_STEP: list[Callable[[int], None]] = []

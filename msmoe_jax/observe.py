@@ -140,7 +140,8 @@ class Throughput:
         self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak = flops.peak_flops_per_device(cfg.run.peak_tflops)
         self.devices = devices
-        self.t0, self.t_last, self.steps = time.perf_counter(), None, 0
+        self.t0, self.steps = time.perf_counter(), 0
+        self.t_last: float | None = None  # set once the first (compiling) step is done
 
     def after_step(self, metrics) -> None:
         if self.t_last is None:
@@ -152,7 +153,8 @@ class Throughput:
 
     def rates(self) -> dict:
         now = time.perf_counter()
-        tps = self.steps * self.tokens_per_step / (now - self.t_last) if self.steps else None
+        tps = (self.steps * self.tokens_per_step / (now - self.t_last)
+               if self.steps and self.t_last is not None else None)
         self.t_last, self.steps = now, 0
         return {"tokens_per_sec": tps, "mfu": None if tps is None else
                 flops.mfu(self.flops_per_token, tps, self.devices, self.peak)}

@@ -92,7 +92,7 @@ def plan(cfg: Config, devices: int) -> Plan:
 class CompiledMemory(NamedTuple):
     """Per-device bytes of the H100 program (``--compile``)."""
 
-    memory: "Memory"  # XLA's analysis (extrapolated when ``layers`` has two depths)
+    memory: Memory  # XLA's analysis (extrapolated when ``layers`` has two depths)
     layers: tuple[int, ...]  # the depths compiled
     capacity: int  # bytes of one GPU's memory
 

@@ -3,7 +3,7 @@ guard that leaves the state untouched when the loss or the gradients are not fin
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -12,13 +12,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from msmoe_jax import flops, hooks, rundir
-from msmoe_jax.checkpoint import CheckpointError, Checkpointer
+from msmoe_jax.checkpoint import Checkpointer, CheckpointError
 from msmoe_jax.config import Config
 from msmoe_jax.convert import restore_params
 from msmoe_jax.data import GlobalBatches
 from msmoe_jax.hf.families import ConversionError
-from msmoe_jax.observe import (MetricsLog, OverflowWatch, Profile, Throughput, info, lead,
-                               to_record)
+from msmoe_jax.observe import MetricsLog, OverflowWatch, Profile, Throughput, info, lead, to_record
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, make_mesh, sharding
 from msmoe_jax.state import init_state, state_from_params
 from msmoe_jax.step import make_train_step

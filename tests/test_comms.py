@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from support import ROOT, tiny_config, write_config
 from msmoe_jax.comms import reference_layouts, step_collectives
 from msmoe_jax.parallel.comm_bytes import by_scope, collectives
 from msmoe_jax.parallel.mesh import validate_for
 from msmoe_jax.steptime.hlo import Routing, flatten, parse, replica_groups
+from support import ROOT, tiny_config, write_config
 
 
 def entry(*lines, extra=""):

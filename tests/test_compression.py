@@ -5,14 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_parallel import A2A, AG, MODEL, RAGGED, check_against_reference, run_with_reference
 
-from support import tiny_config
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel import fp8
 from msmoe_jax.parallel.grad_exchange import bf16_a2a_sum
 from msmoe_jax.parallel.mesh import validate_for
-from test_parallel import A2A, AG, MODEL, RAGGED, check_against_reference, run_with_reference
+from support import tiny_config
 
 AXES = ("x",)
 MESH = jax.make_mesh((8,), AXES, axis_types=(AxisType.Auto,))

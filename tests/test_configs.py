@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from support import ROOT
 from msmoe_jax.config import ConfigError, load_config
 from msmoe_jax.parallel.mesh import validate_for
 from msmoe_jax.plan import main as plan_main
 from msmoe_jax.plan import plan
+from support import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 H100_BYTES = 80e9

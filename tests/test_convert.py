@@ -12,7 +12,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from support import tiny_config  # noqa: E402
 from msmoe_jax.config import ModelConfig  # noqa: E402
 from msmoe_jax.convert import export_checkpoint, import_checkpoint, restore_params  # noqa: E402
 from msmoe_jax.hf.families import ConversionError, family_for_export, family_of  # noqa: E402
@@ -20,6 +19,7 @@ from msmoe_jax.model import load_balancing_loss, reference_ops, route_topk  # no
 from msmoe_jax.objective import reference_loss_fn  # noqa: E402
 from msmoe_jax.parallel.mesh import Layout, make_mesh  # noqa: E402
 from msmoe_jax.state import init_state  # noqa: E402
+from support import tiny_config  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 256, size=(2, 24))
 
@@ -163,10 +163,10 @@ def test_cli_import_then_train_from_it(tmp_path):
     import subprocess
     import sys
 
-    from support import ROOT, write_config
     from msmoe_jax.config import load_config
     from msmoe_jax.parallel.mesh import validate_for
     from msmoe_jax.trainer import train
+    from support import ROOT, write_config
 
     hf = tiny_mixtral(tmp_path / "hf")
     base = write_config(tiny_config(tmp_path, model={"dtype": "float32"}), tmp_path / "base.yaml")

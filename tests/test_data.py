@@ -78,10 +78,11 @@ def test_global_batches_match_the_batched_stream_on_any_sharding(tmp_path):
     """A global batch built from per-shard reads is make_dataset's batch, whether the batch
     is split over 2 row groups (replicated over the rest) or 8."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from support import tiny_config
     from msmoe_jax.data import GlobalBatches, load_tokens
+    from support import tiny_config
 
     cfg = tiny_config(tmp_path)
     expected = iter(make_dataset(load_tokens(cfg.data), cfg.train.seq_len, cfg.train.batch_size,
@@ -104,10 +105,11 @@ def test_resuming_with_another_batch_size_continues_the_window_stream(tmp_path):
     """Three batches of 8, resumed with batches of 16 (or 4): the next batch starts at window
     24 either way, so no window is skipped or repeated. Another seq_len is refused."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from support import tiny_config
     from msmoe_jax.data import GlobalBatches, load_tokens, window_dataset
+    from support import tiny_config
 
     cfg = tiny_config(tmp_path)
     replicated = NamedSharding(jax.make_mesh((8,), ("data",)), P())

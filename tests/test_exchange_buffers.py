@@ -12,10 +12,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from msmoe_jax.model.moe import ExpertWeights
-from msmoe_jax.parallel import collectives as C
-from msmoe_jax.parallel.experts import (Group, Wires, experts_all_gather,
-                                        experts_padded_all_to_all, experts_ragged_all_to_all)
 from msmoe_jax.observe import OverflowWatch
+from msmoe_jax.parallel import collectives as C
+from msmoe_jax.parallel.experts import (
+    Group,
+    Wires,
+    experts_all_gather,
+    experts_padded_all_to_all,
+    experts_ragged_all_to_all,
+)
 
 N, T, K, E, D, F = 8, 16, 2, 16, 8, 12  # devices, tokens per device, top-k, experts, widths
 FACTOR = 2.0

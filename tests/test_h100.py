@@ -7,13 +7,13 @@ from pathlib import Path
 import jax
 import pytest
 
-from support import ROOT, tiny_config
 from msmoe_jax import h100
 from msmoe_jax.config import load_config
 from msmoe_jax.parallel.comm_bytes import collectives
 from msmoe_jax.parallel.mesh import is_gpu, validate_for
 from msmoe_jax.steptime.hlo import parse
 from msmoe_jax.steptime.report import analyse, expert_recompute
+from support import ROOT, tiny_config
 
 pytestmark = pytest.mark.skipif(not h100.available(), reason=h100.INSTALL_HINT)
 

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import tiny_config
 from test_parallel import MODEL, RAGGED, check_against_reference
 
 from msmoe_jax import h100
@@ -17,6 +16,7 @@ from msmoe_jax.config import ConfigError
 from msmoe_jax.kernels.experts import fused_experts, pallas_dot
 from msmoe_jax.kernels.grouped_gemm import Tiles, gmm, grouped_matmul, tgmm, work_items
 from msmoe_jax.model.moe import ExpertWeights, experts_padded, grouped_experts
+from support import tiny_config
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SMALL = Tiles(bm=16, bn=16, bk=16)

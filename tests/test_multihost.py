@@ -12,10 +12,10 @@ import subprocess
 import time
 
 import numpy as np
-from support import ROOT, read_metrics, train_command
 
 from msmoe_jax.config import load_config
 from msmoe_jax.trainer import train
+from support import ROOT, read_metrics, train_command
 
 DEFAULT = ROOT / "configs" / "default.yaml"
 

@@ -3,8 +3,8 @@ and a profiler trace."""
 
 import numpy as np
 
-from support import read_metrics, run_cli, tiny_config
 from msmoe_jax.trainer import train
+from support import read_metrics, run_cli, tiny_config
 
 
 def test_expert_loads_tensorboard_and_profile(tmp_path):

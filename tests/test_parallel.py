@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from support import tiny_config
 from msmoe_jax.model import reference_ops
 from msmoe_jax.objective import COUNTS, reference_loss_fn
 from msmoe_jax.parallel.mesh import Layout, make_mesh, sharding
 from msmoe_jax.parallel.strategy import make_grad_fn
 from msmoe_jax.state import init_state
+from support import tiny_config
 
 # A dense layer and a shared expert, so tensor parallelism of FFNs is covered too.
 MODEL = {"dtype": "float32", "num_layers": 2, "num_dense_layers": 1, "num_heads": 8,

@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from support import load_script, read_metrics, run_cli, tiny_config, write_config
 from msmoe_jax import distributed, rundir
 from msmoe_jax.checkpoint import Checkpointer
 from msmoe_jax.parallel.mesh import Layout, make_mesh
 from msmoe_jax.state import init_state
 from msmoe_jax.trainer import NonFiniteError, train
+from support import load_script, read_metrics, run_cli, tiny_config, write_config
 
 
 def error_lines(stderr: str) -> list[str]:

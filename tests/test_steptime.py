@@ -57,7 +57,6 @@ def test_link_model():
 def test_useful_flops_by_scope_add_up_to_the_model_flops():
     from msmoe_jax.flops import train_flops_per_token
     from msmoe_jax.steptime.report import useful_flops_per_token
-
     from support import tiny_config
 
     m = tiny_config(model={"num_shared_experts": 1, "num_dense_layers": 1}).model
@@ -69,10 +68,10 @@ def test_useful_flops_by_scope_add_up_to_the_model_flops():
 def test_bytes_and_flops_scale_with_gradient_accumulation():
     """The accumulation loop runs once per micro-batch: with the micro-batch fixed, two of
     them execute twice the expert exchange and the matmuls of one (the loop was counted once)."""
-    from support import tiny_config
     from msmoe_jax.comms import build_step
     from msmoe_jax.parallel.comm_bytes import collectives
     from msmoe_jax.steptime.model import program_ops
+    from support import tiny_config
 
     measured = {}
     for steps in (1, 2):

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from support import tiny_config
 from msmoe_jax.trainer import train
+from support import tiny_config
 
 
 def test_short_run_learns_and_compiles_once(tmp_path):
@@ -18,7 +18,7 @@ def test_short_run_learns_and_compiles_once(tmp_path):
     # Byte-level text starts at ~ln(256) = 5.5 and a working model gets well below it quickly.
     assert losses[0] > 5.0
     assert np.mean(losses[-3:]) < losses[0] - 1.5, losses
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 26))
     assert {"step", "loss", "ce", "aux_loss", "z_loss", "dropped_frac", "tokens_per_sec",
             "mfu", "lr", "grad_norm"} <= set(records[-1])

@@ -16,7 +16,8 @@ The router's load-balancing coefficient is rescaled (``aux_loss_coef_from_hf``: 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 
 class ConversionError(ValueError):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
-from msmoe_jax.hf.families import ConversionError, Dense, Source, Stacked
+from msmoe_jax.hf.families import ConversionError, Source, Stacked
 
 
 def _open(path: Path):
@@ -104,7 +104,7 @@ def load_param(reader: Reader, source: Source, shape, dtype, sharding) -> jax.Ar
 
     whole = {}
 
-    def block(index):
+    def block(index):  # type: ignore[no-redef]
         if "x" not in whole:  # one read per process, shared by its devices
             x = reader.read(source.name)
             whole["x"] = (x.T if source.transpose else x).reshape(shape).astype(dtype)
@@ -114,7 +114,8 @@ def load_param(reader: Reader, source: Source, shape, dtype, sharding) -> jax.Ar
     return out
 
 
-def to_hf(tensors: dict[str, Source], params_by_path: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def to_hf(tensors: dict[str, Source],
+          params_by_path: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our parameters (host arrays by path) -> HF tensors by name."""
     out = {}
     for path, source in tensors.items():

@@ -107,7 +107,7 @@ def _out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
     if mat is not None:
         return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(mat)(varying=varying))
     if hasattr(jax.typeof(inputs[0]), "vma"):
-        return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+        return jax.ShapeDtypeStruct(shape, dtype, vma=varying)  # type: ignore[call-arg]
     return jax.ShapeDtypeStruct(shape, dtype)
 
 

@@ -15,7 +15,7 @@ from msmoe_jax.model.remat import ATTN_CONTEXT, ATTN_QKV, tag
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype,
-                 axes: tuple[str, ...]) -> nnx.Param:
+                 axes: tuple[str | None, ...]) -> nnx.Param:
     """A normal(0, std) parameter tagged with its logical axes (which the parallel layout maps
     to mesh axes; see ``parallel/mesh.py``)."""
     assert len(axes) == len(shape), (shape, axes)

@@ -13,7 +13,8 @@ The block is split so that parallel implementations can replace one piece:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,8 @@ shards), around dense FFNs and shared experts (tensor parallelism), and in the r
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from msmoe_jax.model.layers import causal_attention
 from msmoe_jax.model.moe import ExpertsFn, local_experts

@@ -20,7 +20,7 @@ ring: a ring in the opposite direction, with the same independence between steps
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,8 @@ an empty tuple every function is the identity, so callers need no special case f
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from msmoe_jax.steptime.hlo import (Routing, all_arrays, collective_arrays, collective_payload,
-                                    flatten, parse, replica_groups)
+from msmoe_jax.steptime.hlo import (
+    Routing,
+    all_arrays,
+    collective_arrays,
+    collective_payload,
+    flatten,
+    parse,
+    replica_groups,
+)
 
 # Named scopes (``jax.named_scope``) that the parallel code puts around its collectives; the
 # op_name metadata of the compiled ops (forward and backward) carries them. The first found

@@ -38,8 +38,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from msmoe_jax.model.moe import (ExpertWeights, GroupedDot, SortedAssignments, expert_capacity,
-                                 expert_ffn, grouped_swiglu, pack, sort_by_expert, unpack)
+from msmoe_jax.model.moe import (
+    ExpertWeights,
+    GroupedDot,
+    SortedAssignments,
+    expert_capacity,
+    expert_ffn,
+    grouped_swiglu,
+    pack,
+    sort_by_expert,
+    unpack,
+)
 from msmoe_jax.model.moe import combine as combine_slots
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel.collective_matmul import gather_apply_scatter

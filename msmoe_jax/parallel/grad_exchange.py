@@ -57,7 +57,7 @@ def exchange_gradients(grads, specs, mesh_axes: tuple[str, ...], sizes: dict[str
     """Sums every leaf of ``grads`` over its replica axes; ``mode`` is "fp32" or "bf16_a2a".
     grads: this device's contributions, laid out like ``specs``; returns the same tree."""
     leaves, treedef = jax.tree.flatten(grads)
-    spec_leaves = treedef.flatten_up_to(specs)
+    spec_leaves = treedef.flatten_up_to(specs)  # type: ignore[attr-defined]
     groups: dict[C.Axes, list[int]] = {}
     for i, spec in enumerate(spec_leaves):
         axes = replica_axes(spec, mesh_axes)

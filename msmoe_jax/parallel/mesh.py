@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from msmoe_jax.config import Config, ConfigError
 
@@ -83,7 +84,7 @@ class Layout:
     num_kv_heads: int
 
     @classmethod
-    def from_config(cls, cfg: Config, device_count: int) -> "Layout":
+    def from_config(cls, cfg: Config, device_count: int) -> Layout:
         p, m, t = cfg.parallel, cfg.model, cfg.train
         sizes = {a: getattr(p, a) for a in ATTENTION_VIEW + EXPERT_VIEW}
         _fill(sizes, ATTENTION_VIEW, device_count)
@@ -99,7 +100,8 @@ class Layout:
                     f"{_product(sizes, EXPERT_VIEW)} cannot be folded onto one mesh (axis "
                     f"boundaries at {lo} and {hi} devices do not nest); choose sizes whose "
                     "cumulative products divide each other")
-        mesh_axes, axes = [], {a: [] for a in sizes}
+        mesh_axes: list[tuple[str, int]] = []
+        axes: dict[str, list[str]] = {a: [] for a in sizes}
         if device_count == 1:  # one trivial mesh axis
             mesh_axes, axes["data"], axes["expert_data"] = [("data:expert_data", 1)], \
                 ["data:expert_data"], ["data:expert_data"]
@@ -215,7 +217,7 @@ class Layout:
             "experts": self.axes["expert"],
             "expert_mlp": self.axes["expert_tensor"],
         }
-        return P(*(_entry(rules.get(name, ())) for name in logical))
+        return P(*(_entry(rules.get(name, ()) if name else ()) for name in logical))
 
     def describe(self) -> str:
         views = [_product(self.sizes, ATTENTION_VIEW) + f" ({self.attention} attention)",

@@ -24,7 +24,8 @@ and the scheduler can overlap them. Its backward is written by hand (``jax.custo
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

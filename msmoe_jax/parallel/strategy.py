@@ -23,13 +23,24 @@ from msmoe_jax.kernels.experts import kernel_experts, pallas_dot, tiles_of
 from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.model.remat import remat_policy
 from msmoe_jax.objective import COUNTS, loss_terms
-from msmoe_jax.parallel.attention import (gather_sequence, gather_then, scoped, tensor_attention,
-                                          then_scatter, ulysses_attention)
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel import fp8
+from msmoe_jax.parallel.attention import (
+    gather_sequence,
+    gather_then,
+    scoped,
+    tensor_attention,
+    then_scatter,
+    ulysses_attention,
+)
 from msmoe_jax.parallel.choices import Choices, resolve
-from msmoe_jax.parallel.experts import (Group, Wires, experts_all_gather,
-                                        experts_padded_all_to_all, experts_ragged_all_to_all)
+from msmoe_jax.parallel.experts import (
+    Group,
+    Wires,
+    experts_all_gather,
+    experts_padded_all_to_all,
+    experts_ragged_all_to_all,
+)
 from msmoe_jax.parallel.grad_exchange import exchange_gradients, vary_replicas
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, is_gpu
 

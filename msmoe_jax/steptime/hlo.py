@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-
 from typing import NamedTuple
 
 import numpy as np
@@ -107,9 +106,9 @@ def parse(text: str) -> tuple[list[Instr], dict[str, list[Instr]]]:
         by_name = {i.name: i for i in body}
         for instr in body:
             if not instr.op_name:
-                named = [by_name[o].op_name for o in instr.operands
+                names = [by_name[o].op_name for o in instr.operands
                          if o in by_name and by_name[o].op_name]
-                instr.op_name = named[0] if named else ""
+                instr.op_name = names[0] if names else ""
     return comps[entry], comps
 
 
@@ -236,8 +235,9 @@ def kernel_flops(instr: Instr, shapes: dict[str, tuple[int, ...]],
     if "__gpu$xla.gpu.triton" not in instr.attrs or not instr.arrays:
         return 0.0
     kind = _KERNEL.search(instr.attrs)
-    ops = [shapes.get(o) for o in instr.operands]
-    if kind is None or any(o is None for o in ops):
+    maybe = [shapes.get(o) for o in instr.operands]
+    ops = [o for o in maybe if o is not None]
+    if kind is None or len(ops) < len(maybe):
         return 0.0
     out = instr.arrays[0][1]
     if kind.group(1) == "grouped_gemm":

@@ -18,9 +18,19 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-from msmoe_jax.steptime.hlo import (DTYPE_BYTES, FREE, Instr, Routing, all_arrays,
-                                    collective_payload, flatten, flop_scope, flops, parse,
-                                    replica_groups)
+from msmoe_jax.steptime.hlo import (
+    DTYPE_BYTES,
+    FREE,
+    Instr,
+    Routing,
+    all_arrays,
+    collective_payload,
+    flatten,
+    flop_scope,
+    flops,
+    parse,
+    replica_groups,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +56,7 @@ class Hardware:
     overlap_slowdown: float = 0.19  # compute that runs beside a collective takes this longer
     launch: float = 2e-6  # per compute kernel
 
-    def scaled(self, **fields) -> "Hardware":
+    def scaled(self, **fields) -> Hardware:
         return dataclasses.replace(self, **fields)
 
 
@@ -88,9 +98,11 @@ def schedule(ops: list[Op], overlap: bool = True, slowdown: float = 0.0) -> Time
     ``slowdown``: a compute op that starts while a collective is in flight takes
     (1 + slowdown) times as long (the SMs and HBM bandwidth the collective uses)."""
     free = {"compute": 0.0, "comm": 0.0}
-    starts, ends = {}, {}
+    starts: dict[str, float] = {}
+    ends: dict[str, float] = {}
     busy = {"compute": 0.0, "comm": 0.0}
-    scope_of, exposed = {}, {}
+    scope_of: dict[str, str] = {}
+    exposed: dict[str, float] = {}
     for op in ops:
         ready = max([ends[d] for d in op.deps if d in ends], default=0.0)
         if op.stream == "none":
@@ -121,7 +133,7 @@ def schedule(ops: list[Op], overlap: bool = True, slowdown: float = 0.0) -> Time
     # Communication still running after the last compute op is exposed too.
     tail = [n for n, e in ends.items() if n in scope_of and e > free["compute"]]
     if overlap and tail and step > free["compute"]:
-        key = scope_of[max(tail, key=ends.get)]
+        key = scope_of[max(tail, key=lambda n: ends[n])]
         exposed[key] = exposed.get(key, 0.0) + step - free["compute"]
     return Timeline(step, busy["compute"], busy["comm"], step - busy["compute"], starts, ends,
                     exposed)
@@ -182,7 +194,8 @@ def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
     entry, comps = parse(hlo_text)
     arrays_of = all_arrays(comps)
     shapes = {k: v[0][1] for k, v in arrays_of.items() if v}
-    ops, by_scope = [], {}
+    ops: list[Op] = []
+    by_scope: dict[str, float] = {}
     for step in flatten(entry, comps):
         instr, deps = step.instr, step.deps
         kind = instr.collective
@@ -190,7 +203,7 @@ def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
             ops.append(Op(step.name, "none", 0.0, deps))  # an async pair's start carries the time
             continue
         if kind:
-            payload = collective_payload(instr, arrays_of, routing)
+            payload: float = collective_payload(instr, arrays_of, routing)
             if _is_activation(instr):
                 payload *= activation_bytes_scale
             groups = replica_groups(instr, num_devices)
