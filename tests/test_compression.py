@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_parallel import A2A, AG, MODEL, RAGGED, check_against_reference, run_with_reference
 
+from equality import A2A, AG, MODEL, RAGGED, check_against_reference, run_with_reference
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel import fp8
 from msmoe_jax.parallel.grad_exchange import bf16_a2a_sum

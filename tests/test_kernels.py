@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_parallel import MODEL, RAGGED, check_against_reference
 
+from equality import MODEL, RAGGED, check_against_reference
 from msmoe_jax import h100
 from msmoe_jax.config import ConfigError
 from msmoe_jax.kernels.experts import fused_experts, pallas_dot

@@ -4,8 +4,8 @@ reference: loss, metrics and every parameter's gradient (fp32, random data, 8 de
 import re
 
 import pytest
-from test_parallel import A2A, AG, MODEL, RAGGED, check_against_reference
 
+from equality import A2A, AG, MODEL, RAGGED, check_against_reference
 from msmoe_jax.steptime.hlo import dependents, flops, parse
 
 RING, BIDIR = {"collective_matmul": "ring"}, {"collective_matmul": "bidirectional"}

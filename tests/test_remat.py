@@ -1,6 +1,6 @@
 """Rematerialisation policies: same gradients, less stored activation memory."""
 
-from test_parallel import MODEL, check_against_reference
+from equality import MODEL, check_against_reference
 
 # The default config's kind of layout; three MoE layers and 32 tokens per device so stored
 # activations matter next to XLA:CPU's transient buffers (at smaller sizes, or with longer
