@@ -21,7 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train a Mixture-of-Experts language model with msmoe-jax.",
         epilog="Example: python train.py --config configs/default.yaml --set model.num_experts=16 "
-               "--set train.steps=50. Every config key is listed in README.md.")
+               "--set train.steps=50. Every config key is listed in docs/configuration.md.")
     add_config_args(p, DEFAULT_CONFIG)
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit without training")

@@ -12,8 +12,8 @@ import dataclasses
 import math
 import types
 import typing
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -25,19 +25,19 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class ModelConfig:
-    vocab_size: int = 256
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    vocab_size: int = 256  # token ids 0..vocab_size-1 (the stdlib corpus needs >= 256)
+    d_model: int = 64  # width of the residual stream
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
     head_dim: int | None = None  # None: d_model // num_heads
     d_ff: int = 128  # width of the dense FFN layers
     num_dense_layers: int = 0  # the first N layers use a dense FFN instead of MoE
     # MoE
-    num_experts: int = 8
-    top_k: int = 2
+    num_experts: int = 8  # routed experts per MoE layer
+    top_k: int = 2  # experts each token is routed to
     moe_d_ff: int = 64  # width of each routed expert
-    num_shared_experts: int = 0
+    num_shared_experts: int = 0  # experts every token passes through, beside the routed ones
     shared_d_ff: int | None = None  # width of one shared expert; None: moe_d_ff
     renormalize_topk: bool = True  # rescale the top-k gate weights to sum to 1
     # Scale the shared experts' output by sigmoid(x @ w) per token (Qwen-MoE's shared gate).
@@ -46,20 +46,23 @@ class ModelConfig:
     # RMSNorm on queries and keys before RoPE, per head ("head", Qwen3) or over all heads
     # together ("full", OLMoE).
     attention_bias: bool = False
-    qk_norm: Literal["none", "head", "full"] = "none"
-    moe_mode: Literal["dropless", "capacity"] = "dropless"
+    qk_norm: Literal["none", "head", "full"] = "none"  # see attention_bias
+    moe_mode: Literal["dropless", "capacity"] = "dropless"  # capacity: drop past capacity_factor
     capacity_factor: float = 1.25  # capacity mode: slots per expert = ceil(cf * tokens * k / E)
+    # Weight of the load-balancing loss E * sum_e f_e * p_e per MoE layer (f_e: expert e's
+    # share of the top-k assignments, summing to 1; p_e: its mean router probability),
+    # averaged over the layers. Hugging Face's coefficient is top_k times smaller (convert.py).
     aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
+    z_loss_coef: float = 0.001  # weight of the router z-loss, mean logsumexp(logits)^2
     # How each device computes its local experts: "padded" is a dense per-expert einsum over
     # [E, capacity, d] buffers (fast on CPU), "ragged_dot" a grouped GEMM over expert-sorted rows
     # (no padding FLOPs; the fast choice on GPU). "auto" picks by backend.
     expert_compute: Literal["auto", "padded", "ragged_dot"] = "auto"
     # Numerics
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # the output projection reuses the input embedding
+    init_std: float = 0.02  # std of the normal initialisation (output layers scaled down)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters and optimizer state
 
@@ -130,29 +133,29 @@ class DataConfig:
     # "stdlib": the Python standard library's own source, byte-tokenised (no download);
     # "tokens": a flat binary file of pre-tokenised ids (see token_dtype), memory-mapped.
     source: Literal["stdlib", "tokens"] = "stdlib"
-    path: str | None = None
-    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    path: str | None = None  # the token file, for source 'tokens'
+    token_dtype: Literal["uint16", "uint32"] = "uint16"  # item type of the token file
     max_bytes: int = 8_000_000  # stdlib corpus: stop collecting after this many bytes
 
 
 @dataclasses.dataclass
 class OptimizerConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate (AdamW), after warmup, before cosine decay
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    warmup_steps: int = 20  # linear warmup from 0 to lr
+    b1: float = 0.9  # Adam's first-moment decay
+    b2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's denominator epsilon
+    weight_decay: float = 0.1  # decoupled (AdamW), on matrices only
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 200
+    steps: int = 200  # optimizer steps in the whole run (a resumed run continues to it)
     batch_size: int = 16  # global, in sequences
-    seq_len: int = 128
-    log_every: int = 10
+    seq_len: int = 128  # tokens per sequence (fixed for a run: resuming refuses another)
+    log_every: int = 10  # log metrics every N steps (and the first and last)
     # Activation rematerialisation per block (msmoe_jax/model/remat.py): "none" stores every
     # activation, "selective" stores the attention core's inputs and context and the experts'
     # dispatched and combined rows and recomputes the rest, "full" stores only block inputs.
@@ -183,8 +186,8 @@ class KernelConfig:
     block_m: int = 128  # rows per tile
     block_n: int = 128  # output columns per tile
     block_k: int = 64  # contraction step
-    num_warps: int = 8
-    num_stages: int = 3
+    num_warps: int = 8  # Triton warps per program (GPU)
+    num_stages: int = 3  # Triton software-pipelining stages (GPU)
 
 
 @dataclasses.dataclass
@@ -202,7 +205,7 @@ class CompressionConfig:
     # sent back (the combine all_to_all / reduce-scatter): "fp8" is E4M3 with one FP32 scale
     # per token row, saturating; the backward sends its cotangents the same way.
     dispatch: Literal["none", "fp8"] = "none"
-    combine: Literal["none", "fp8"] = "none"
+    combine: Literal["none", "fp8"] = "none"  # see dispatch
     # Tensor-parallel all_gathers (per-token FP8) and reduce-scatters (FP8 all_to_all + FP32
     # sum; their backward all_gathers FP8 with per-channel scales over token groups) of
     # parallel.tensor, tensor-parallel attention and parallel.expert_tensor.
@@ -213,8 +216,8 @@ class CompressionConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     every: int = 100  # save every N steps (and at the end); 0 disables checkpoints
-    keep: int = 2
-    async_save: bool = True
+    keep: int = 2  # checkpoints kept (the oldest are deleted)
+    async_save: bool = True  # write checkpoints in the background while training goes on
     resume: bool = True  # resume from the latest checkpoint in run.dir/checkpoints
     # Start (when there is nothing to resume) from these parameters: a directory written by
     # ``python -m msmoe_jax.convert import`` or a training checkpoint step. Fresh optimizer.
@@ -223,11 +226,13 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class RunConfig:
+    # The run directory: config.json, metrics.jsonl, checkpoints/. One run at a time holds it
+    # (a lock); a new run in it resumes from its latest checkpoint.
     dir: str = "runs/default"
     # Peak FLOP/s per device used for MFU, in TFLOP/s. None: looked up from the device kind
     # (H100/H200 bf16 dense 989); on a CPU MFU is reported against a nominal 1 TFLOP/s.
     peak_tflops: float | None = None
-    progress: Literal["auto", "bar", "lines"] = "auto"
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal, else lines
     # Simulated devices when JAX runs on the CPU (train.py sets XLA_FLAGS before JAX starts,
     # unless XLA_FLAGS already sets --xla_force_host_platform_device_count).
     cpu_devices: int = 8
@@ -250,7 +255,7 @@ class DistributedConfig:
 
 @dataclasses.dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0  # initial weights and the data order
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

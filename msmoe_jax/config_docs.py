@@ -91,16 +91,17 @@ def field_comments(cls: type) -> dict[str, tuple[str | None, str]]:
     source = textwrap.dedent(inspect.getsource(cls))
     comments = _comments(source)
     classdef = ast.parse(source).body[0]
+    assert isinstance(classdef, ast.ClassDef), cls
     out = {}
     for stmt in classdef.body:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue
-        above = []
+        above: list[str] = []
         row = stmt.lineno - 1
         while row in comments and comments[row][1]:
             above.insert(0, comments[row][0])
             row -= 1
-        trailing = [comments[r][0] for r in range(stmt.lineno, stmt.end_lineno + 1)
+        trailing = [comments[r][0] for r in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1)
                     if r in comments and not comments[r][1]]
         heading, text = None, " ".join(above)
         if text:
@@ -184,8 +185,8 @@ def render() -> str:
     out += ["## Top level", ""] + _table(Config, "") + [""]
     hints = typing.get_type_hints(Config, vars(config_module))
     for f in dataclasses.fields(Config):
-        cls = hints[f.name]
-        if not dataclasses.is_dataclass(cls):
+        cls: Any = hints[f.name]
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             continue
         out += [f"## {f.name}", "", f"`{cls.__name__}` in `msmoe_jax/config.py`.", ""]
         if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT
-
 from msmoe_jax import config_docs
+from support import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -90,7 +89,7 @@ def test_field_comments_are_read_from_the_source():
 
     model = config_docs.field_comments(ModelConfig)
     assert model["d_ff"] == (None, "width of the dense FFN layers")  # same line
-    assert model["num_experts"] == ("MoE", "")  # a heading above, no description
+    assert model["num_experts"] == ("MoE", "routed experts per MoE layer")  # heading above
     assert model["shared_expert_gate"][1].startswith("Scale the shared experts' output")  # above
     parallel = config_docs.field_comments(ParallelConfig)
     assert parallel["expert_data"] == ("Expert view", "replicas of the experts")
