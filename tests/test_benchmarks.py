@@ -3,7 +3,11 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 from support import load_script
+
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
 
 
 def load(name):

@@ -4,12 +4,15 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from msmoe_jax.checkpoint import Checkpointer
 from msmoe_jax.parallel.mesh import Layout, make_mesh
 from msmoe_jax.state import init_state
 from msmoe_jax.trainer import train
 from support import read_metrics, run_cli, tiny_config, write_config
+
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):

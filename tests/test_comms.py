@@ -111,6 +111,7 @@ def test_ragged_all_to_all_costed_by_the_rows_it_carries():
     assert worst.bytes == 400 * 8 * 2 * 7 / 8
 
 
+@pytest.mark.slow
 def test_sp_ep_moves_fewer_bytes_than_tp_tp():
     """Ulysses attention sends about a quarter of tensor-parallel attention's bytes at n = 8
     (4 x (n-1)/n x T x d against 2 x (n-1) x T x d per layer), and the whole step less."""
@@ -128,6 +129,7 @@ def test_sp_ep_moves_fewer_bytes_than_tp_tp():
     assert sum(sp.values()) < sum(tp.values())
 
 
+@pytest.mark.slow
 def test_comms_cli(tmp_path):
     cfg = tiny_config(tmp_path, model={"num_experts": 8})
     config = write_config(cfg, tmp_path / "cfg.yaml")

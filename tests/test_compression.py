@@ -15,6 +15,8 @@ from msmoe_jax.parallel.grad_exchange import bf16_a2a_sum
 from msmoe_jax.parallel.mesh import validate_for
 from support import tiny_config
 
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
+
 AXES = ("x",)
 MESH = jax.make_mesh((8,), AXES, axis_types=(AxisType.Auto,))
 E4M3_EPS = 2.0 ** -4  # half the spacing of E4M3's 3-bit mantissa, relative

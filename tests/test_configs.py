@@ -35,6 +35,7 @@ def test_config_lays_out_its_mesh(path):
         assert out.state_bytes_per_device < H100_BYTES / 2, out
 
 
+@pytest.mark.slow
 def test_the_352b_config_is_the_papers_model():
     cfg = load_config(ROOT / "configs" / "megascale_352b_512xh100.yaml")
     m = cfg.model

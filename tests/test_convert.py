@@ -61,6 +61,7 @@ def our_logits(run_cfg, params):
     return np.asarray(forward(params, jnp.asarray(TOKENS)))
 
 
+@pytest.mark.slow
 def test_mixtral_import_matches_pytorch_and_exports_back(tmp_path):
     hf = tiny_mixtral(tmp_path / "hf")
     base = tiny_config(tmp_path, model={"dtype": "float32"},
@@ -125,6 +126,7 @@ def build(path, family, **overrides):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_import_matches_pytorch(tmp_path, family):
     hf = build(tmp_path / "hf", family)
@@ -157,6 +159,7 @@ def test_unsupported_switches_are_refused_by_name(tmp_path):
         import_checkpoint(tmp_path / "hf", tmp_path / "ours", base)
 
 
+@pytest.mark.slow
 def test_cli_import_then_train_from_it(tmp_path):
     """The CLI imports; train.py fine-tunes from the written config (checkpoint.init_from):
     with a learning rate of ~0 the parameters after one step are the imported ones."""
@@ -199,6 +202,7 @@ def test_cli_import_then_train_from_it(tmp_path):
     assert r.returncode == 2 and "error: " in r.stderr and "nowhere: no such directory" in r.stderr
 
 
+@pytest.mark.slow
 def test_qwen3_without_norm_topk_prob_uses_transformers_default(tmp_path):
     """A config.json without norm_topk_prob: transformers' default (False) applies, not ours."""
     build(tmp_path / "hf", "qwen3_moe")
@@ -272,6 +276,7 @@ def cross_layer_term(router_logits, k, coef_hf):
     return coef_hf * e / (2 * n_layers ** 2 * t ** 2) * total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["MixtralForCausalLM", "OlmoeForCausalLM"])
 def test_aux_loss_coefficient_matches_transformers_objective(arch):
     """Random router logits of a 4-layer model: our load-balancing term (mean over layers of

@@ -20,6 +20,8 @@ from msmoe_jax.config import Config, ConfigError, load_config  # noqa: E402
 from msmoe_jax.convert import main  # noqa: E402
 from support import ROOT  # noqa: E402
 
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
+
 
 def run(capsys, *argv):
     """main(argv) -> (exit code, stdout, the stderr lines starting with 'error:' or 'note:')."""

@@ -22,6 +22,8 @@ from msmoe_jax.parallel.experts import (
     experts_ragged_all_to_all,
 )
 
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
+
 N, T, K, E, D, F = 8, 16, 2, 16, 8, 12  # devices, tokens per device, top-k, experts, widths
 FACTOR = 2.0
 

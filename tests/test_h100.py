@@ -15,7 +15,7 @@ from msmoe_jax.steptime.hlo import parse
 from msmoe_jax.steptime.report import analyse, expert_recompute
 from support import ROOT, tiny_config
 
-pytestmark = pytest.mark.skipif(not h100.available(), reason=h100.INSTALL_HINT)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not h100.available(), reason=h100.INSTALL_HINT)]
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 # The gate compiles one block of each kind (a dense one where the config has them, then an MoE

@@ -39,6 +39,7 @@ def test_work_items_cover_every_row_once():
     np.testing.assert_array_equal(covered, 1)  # groups and the padding group, no overlaps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gather", [False, True], ids=["plain", "gather-scatter-scale"])
 def test_grouped_matmul_matches_ragged_dot(gather):
     """Outputs and the gradients of lhs, rhs (and scale) on ragged and empty groups."""
@@ -77,6 +78,7 @@ def test_grouped_matmul_matches_ragged_dot(gather):
     assert not np.any(np.asarray(vjp(dy)[1])[SIZES == 0])
 
 
+@pytest.mark.slow
 def test_bf16_inputs_accumulate_in_float32():
     """bf16 in, fp32 accumulate: within bf16 rounding of the output, against an fp32 product
     of the same bf16 values (a bf16 accumulation over K=512 would be far worse)."""
@@ -100,6 +102,7 @@ def _moe_inputs(t=40, d=24, f=40, e=6, k=2):
     return random(8, (t, d)), idx.astype(jnp.int32), gates, w
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
 def test_fused_permutation_matches_unfused_and_padded(capacity_factor):
     """Permute-in-prologue / gate-weighted un-permute-in-epilogue against the same kernel fed
@@ -134,6 +137,7 @@ KERNEL = {"grouped_gemm": "pallas", "block_m": 16, "block_n": 16, "block_k": 16}
     ({"data": 8}, True),
     ({"expert_data": 1, "expert": 4, "expert_tensor": 2, **RAGGED, "chunks": 2}, False),
 ], ids=["data8-fused", "data8-ep4xetp2-ragged-chunks2"])
+@pytest.mark.slow
 def test_model_with_pallas_kernel_matches_reference(parallel, fuse):
     """The whole model (loss, metrics, every gradient) with kernel.grouped_gemm=pallas equals
     the single-device reference, without and with expert parallelism (the ragged exchange in
@@ -161,6 +165,7 @@ def _bf16_moe_inputs():
     return x.astype(jnp.bfloat16), jax.tree.map(lambda a: a.astype(jnp.bfloat16), w), gates, idx
 
 
+@pytest.mark.slow
 def test_triton_lowering_of_fused_experts_forward_and_backward():
     """The GPU path lowers to Triton kernels without a GPU or the CUDA plugin: all five kernels
     of the fused experts' forward and backward (jax.export for CUDA), in bf16."""
@@ -239,6 +244,7 @@ def test_fused_experts_compile_for_h100(h100_mesh):
     ({"data": 8}, True),
     ({"expert_data": 2, "expert": 4, **RAGGED}, False),
 ], ids=["data8-fused", "ep4xed2-ragged"])
+@pytest.mark.slow
 def test_model_gpu_path_lowers_for_cuda(h100_mesh, parallel, fuse):
     """The compiled-kernel path (no interpreter) of a whole bf16 train step on 8 compile-only
     H100s (``strategy`` picks the GPU paths from the mesh's devices) traces under shard_map's
@@ -265,6 +271,7 @@ def test_config_refuses_pallas_where_it_cannot_run():
         tiny_config(kernel={"block_m": 24})
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run(capsys):
     """benchmarks/grouped_gemm.py runs end to end on tiny shapes (no timing assertions)."""
     import importlib.util

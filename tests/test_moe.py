@@ -53,7 +53,7 @@ def moe_params(module: MoE) -> dict:
     return p
 
 
-@pytest.mark.parametrize("impl", ["padded", "ragged_dot"])
+@pytest.mark.parametrize("impl", [pytest.param("padded", marks=pytest.mark.slow), "ragged_dot"])
 @pytest.mark.parametrize("mode,shared,renorm", [
     ("dropless", 0, True), ("dropless", 1, False), ("capacity", 0, True), ("capacity", 2, True)])
 def test_moe_block_matches_loop_reference(impl, mode, shared, renorm):
@@ -99,6 +99,7 @@ def test_moe_block_matches_loop_reference(impl, mode, shared, renorm):
     np.testing.assert_array_equal(stats.expert_counts, np.bincount(idx.ravel(), minlength=6))
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32():
     """bf16 compute with fp32 params stays within bf16 rounding of the fp32 block."""
     base = dict(d_model=32, moe_d_ff=32, num_experts=4, top_k=2, init_std=0.2)

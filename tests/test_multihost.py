@@ -12,10 +12,13 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from msmoe_jax.config import load_config
 from msmoe_jax.trainer import train
 from support import ROOT, read_metrics, train_command
+
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
 
 DEFAULT = ROOT / "configs" / "default.yaml"
 

@@ -8,6 +8,8 @@ from nbclient import NotebookClient
 
 from support import ROOT
 
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SMALL = {"MSMOE_NB_STEPS": "12", "MSMOE_NB_CKPT_STEPS": "6,10"}
 

@@ -2,11 +2,13 @@
 and a profiler trace."""
 
 import numpy as np
+import pytest
 
 from msmoe_jax.trainer import train
 from support import read_metrics, run_cli, tiny_config
 
 
+@pytest.mark.slow
 def test_expert_loads_tensorboard_and_profile(tmp_path):
     cfg = tiny_config(tmp_path, train={"steps": 4, "log_every": 1},
                       model={"num_layers": 3, "num_dense_layers": 1, "moe_mode": "capacity",

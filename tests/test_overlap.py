@@ -8,6 +8,8 @@ import pytest
 from equality import A2A, AG, MODEL, RAGGED, check_against_reference
 from msmoe_jax.steptime.hlo import dependents, flops, parse
 
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
+
 RING, BIDIR = {"collective_matmul": "ring"}, {"collective_matmul": "bidirectional"}
 SCHEDULES = {
     # Megatron TP attention and FFNs + all_gather experts, all as ppermute rings.

@@ -49,7 +49,12 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# The quick check (-m "not slow") keeps one layout of each kind of exchange.
+QUICK = {"data8", "tp8-tpattn-etp8", "data8-ep4xetp2-ragged"}
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in LAYOUTS])
 def test_layout_matches_single_device(name):
     parallel, model = LAYOUTS[name]
     check_against_reference(parallel, {**MODEL, **model})
@@ -129,6 +134,7 @@ IMPORTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", IMPORTED)
 def test_imported_model_switches_match_single_device(name):
     parallel, model = IMPORTED[name]

@@ -1,6 +1,10 @@
 """Rematerialisation policies: same gradients, less stored activation memory."""
 
+import pytest
+
 from equality import MODEL, check_against_reference
+
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
 
 # The default config's kind of layout; three MoE layers and 32 tokens per device so stored
 # activations matter next to XLA:CPU's transient buffers (at smaller sizes, or with longer

@@ -24,6 +24,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_never_applied_or_saved(tmp_path, capsys):
     """lr=1e6 makes the loss blow up within a few steps. Finiteness is logged only every 5
     steps but checkpoints are due every 2: the error names the first bad step, no checkpoint
@@ -70,6 +71,7 @@ def hold_lock(run_dir):
     return proc
 
 
+@pytest.mark.slow
 def test_one_run_per_directory_and_stale_locks_are_taken_over(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -104,6 +106,7 @@ def test_run_dir_that_is_a_file_is_one_error_line(tmp_path, capsys, where):
                                 "it, is a file); choose another run.dir"], err
 
 
+@pytest.mark.slow
 def test_refused_resume_names_the_changed_fields_and_keeps_config_json(tmp_path):
     """A checkpoint of a d_model=32 model, resumed with d_model=64: one error line naming the
     field, no traceback (Orbax's async threads included), and config.json still the saved
@@ -146,6 +149,7 @@ def test_waiting_for_the_coordinator_is_bounded_and_reported():
         distributed.wait_for_coordinator(f"127.0.0.1:{server.getsockname()[1]}", 1.0)
 
 
+@pytest.mark.slow
 def test_unresolvable_coordinator_fails_at_once(tmp_path):
     config = write_config(tiny_config(tmp_path), tmp_path / "cfg.yaml")
     t0 = time.monotonic()

@@ -3,9 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 
 from msmoe_jax.trainer import train
 from support import tiny_config
+
+pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
 
 
 def test_short_run_learns_and_compiles_once(tmp_path):
