@@ -492,17 +492,22 @@ def config_from_dict(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Conf
     return _build(Config, raw, "")
 
 
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The raw mapping of a YAML (or JSON) config file; None: empty (all defaults)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Loads ``path`` (None: all defaults), applies overrides and validates."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    return config_from_dict(raw, overrides).validate()
+    return config_from_dict(read_config_file(path), overrides).validate()

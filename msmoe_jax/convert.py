@@ -52,7 +52,7 @@ from pathlib import Path
 import yaml
 
 from msmoe_jax.cli import simulate_cpu_devices
-from msmoe_jax.config import Config, ConfigError, ModelConfig, config_from_dict
+from msmoe_jax.config import Config, ConfigError, ModelConfig, config_from_dict, read_config_file
 from msmoe_jax.hf.families import ConversionError, family_for_export, family_of
 
 PARAMS = "params"  # the Orbax item of an imported directory
@@ -272,18 +272,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, cfg: Config,
 def read_config(path: str | Path | None, overrides: list[str]) -> Config:
     """``config.load_config`` with ``validate_run``'s checks: the data section does not judge
     the model (an imported model's config.yaml may carry a data note)."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    return validate_run(config_from_dict(raw, overrides))
+    return validate_run(config_from_dict(read_config_file(path), overrides))
 
 
 def export_config(ckpt_dir: Path, given: str | None, overrides: list[str]) -> Config:
