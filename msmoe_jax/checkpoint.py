@@ -20,6 +20,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, phrased for the user."""
 
 
+class ShapeMismatch(CheckpointError):
+    """A checkpoint whose arrays have other shapes than the config's (another model)."""
+
+
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
     return jax.tree.map(
@@ -72,7 +76,7 @@ class Checkpointer:
         # Checked first: Orbax fails on the first mismatching array with others still being
         # read, and those then print tracebacks from its closed event loop.
         if differ := self.mismatches(step, target):
-            raise CheckpointError(
+            raise ShapeMismatch(
                 f"checkpoint {path} holds arrays of other shapes than this config's: "
                 f"{'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}")
         try:
@@ -94,6 +98,8 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - then restore itself reports what is wrong
             return []
         have = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+        if not have:  # no usable metadata: let restore judge
+            return []
         want = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
         return [f"{k} {have.get(k, 'absent')} saved, {want.get(k, 'absent')} here"
                 for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]

@@ -123,11 +123,15 @@ def wait_for_coordinator(address: str, timeout_s: float, every_s: float = 10.0,
     fails at once.
     """
     host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [IPv6]:port
     try:
         port_number = int(port)
+        if not 0 < port_number < 65536:
+            raise ValueError(port)
         socket.getaddrinfo(host, port_number, type=socket.SOCK_STREAM)
     except ValueError:
-        raise DistributedError(f"--coordinator: expected HOST:PORT, got {address!r}") from None
+        raise DistributedError(f"--coordinator: expected HOST:PORT with a port in 1..65535, "
+                               f"got {address!r}") from None
     except socket.gaierror as e:
         raise DistributedError(f"--coordinator {address}: cannot resolve host {host!r} "
                                f"({e.strerror})") from None

@@ -44,7 +44,11 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
-        self.file = open(self.path, "a+")
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise RunDirError(f"run.dir={run_dir}: cannot write its lock file ({e.strerror})") \
+                from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -54,6 +58,10 @@ class RunLock:
             raise RunDirError(
                 f"run.dir={run_dir}: another run is using it ({owner}); wait for it to end or "
                 "stop it, or choose another run.dir") from None
+        except OSError as e:  # e.g. a network filesystem without locks
+            self.file.close()
+            raise RunDirError(f"run.dir={run_dir}: cannot lock it ({e.strerror}); use a local "
+                              "or lock-capable filesystem for run.dir") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -64,6 +72,30 @@ class RunLock:
         if not self.file.closed:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
+
+
+def lock_run_dir(run_dir: Path) -> RunLock | None:
+    """Process 0 locks the run directory; in a multi-process run every process learns whether
+    it did, so all of them stop (not only process 0) when another run holds it."""
+    import jax
+
+    lock, refused = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock(run_dir)
+        except RunDirError as e:
+            refused = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        failed = multihost_utils.broadcast_one_to_all(np.int32(refused is not None))
+        if int(failed) and refused is None:
+            refused = RunDirError(f"run.dir={run_dir}: process 0 could not lock it (see its "
+                                  "error)")
+    if refused is not None:
+        raise refused
+    return lock
 
 
 def _describe_owner(text: str) -> str:

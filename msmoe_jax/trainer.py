@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from msmoe_jax import flops, hooks, rundir
-from msmoe_jax.checkpoint import Checkpointer, CheckpointError
+from msmoe_jax.checkpoint import Checkpointer, CheckpointError, ShapeMismatch
 from msmoe_jax.config import Config
 from msmoe_jax.convert import restore_params
 from msmoe_jax.data import GlobalBatches
@@ -46,7 +46,7 @@ class Run:
 def train(cfg: Config, devices=None) -> dict[str, Any]:
     """Runs (or resumes) training as configured. Returns a summary of the run."""
     run_dir = rundir.prepare(cfg.run.dir)
-    lock = rundir.RunLock(run_dir) if lead() else None
+    lock = rundir.lock_run_dir(run_dir)
     ckpt = None
     try:
         if cfg.checkpoint.every > 0:
@@ -73,7 +73,7 @@ def loop(run: Run) -> dict[str, Any]:
     log = MetricsLog(run.run_dir, last, run.first_step, cfg.run.progress, cfg.run.tensorboard)
     profile = Profile(run.run_dir / "profile", run.first_step + 1, cfg.run.profile_steps)
     overflow, meter = OverflowWatch(cfg), Throughput(cfg, run.mesh.size)
-    finite = FiniteWatch(run.mesh, run.first_step)
+    finite = FiniteWatch(run.mesh, run.first_step, cfg.checkpoint.resume)
     history, metrics = [], None
     try:
         for step in range(run.first_step, last):
@@ -149,14 +149,17 @@ def resume(cfg: Config, run_dir: Path, ckpt: Checkpointer, step: int, target,
     saved = rundir.saved_config(run_dir)
     try:
         state, data_state = ckpt.restore(step, target)
-    except CheckpointError:
-        changed = rundir.differences(saved, cfg.to_dict(), "model") if saved else []
+    except ShapeMismatch:
+        current = cfg.to_dict()
+        changed = [line for section in ("model", "optimizer")
+                   for line in rundir.differences(saved or {}, current, section)]
         if not changed:
             raise
         raise CheckpointError(
             f"run.dir={run_dir}: cannot resume from step {step}: its checkpoint holds another "
-            f"model ({'; '.join(changed)}, saved -> this config). Set those fields back, or "
-            "start afresh with checkpoint.resume=false or another run.dir") from None
+            f"model or optimizer state ({'; '.join(changed)}, saved -> this config). Set those "
+            "fields back, or start afresh with checkpoint.resume=false or another run.dir") \
+            from None
     data.set_state(data_state, (saved or {}).get("train", {}).get("batch_size"))
     return state
 
@@ -167,7 +170,8 @@ class FiniteWatch:
     happens only where the loop waits for the devices anyway (logged steps, checkpoints, the
     end). The step itself already left the state unchanged (``step.make_train_step``)."""
 
-    def __init__(self, mesh: Mesh, first_step: int):
+    def __init__(self, mesh: Mesh, first_step: int, resumes: bool = True):
+        self.resumes = resumes  # whether a rerun resumes (checkpoint.resume), for the message
         replicated = sharding(mesh, REPLICATED)
         self.first_bad, self.done = jax.jit(
             lambda: (jnp.zeros((), jnp.int32), jnp.full((), first_step, jnp.int32)),
@@ -183,12 +187,13 @@ class FiniteWatch:
         bad = int(self.first_bad)
         if not bad:
             return
-        saved = ckpt.latest_step() if ckpt is not None else None
+        saved = ckpt.latest_step() if ckpt is not None and self.resumes else None
         rerun = (f"it resumes from the last checkpoint, step {saved}, which is finite (if the "
                  "run was diverging already there, delete that step's directory, or set "
                  "checkpoint.resume=false)"
                  if saved is not None else
                  "it starts afresh (checkpoints are off: checkpoint.every=0)" if ckpt is None
+                 else "it starts afresh (checkpoint.resume=false)" if not self.resumes
                  else "it starts afresh (no checkpoint was saved before that step)")
         raise NonFiniteError(
             f"step {bad}: the loss or the gradients are not finite (the first such step). It was "

@@ -12,6 +12,7 @@ import yaml
 
 from msmoe_jax.config import config_from_dict
 from msmoe_jax.parallel.mesh import validate_for
+from msmoe_jax.steptime.hlo import dependents, flops, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +72,49 @@ def load_script(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_mixtral(path, **overrides):
+    """A tiny random transformers Mixtral saved to ``path`` (needs torch and transformers)."""
+    import torch
+    import transformers
+
+    cfg = transformers.MixtralConfig(**{**dict(
+        vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64, rope_theta=5000.0,
+        rms_norm_eps=1e-5), **overrides})
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def assert_chunks_independent(hlo: str, chunks: int):
+    """In the compiled program, no collective of chunk i+1's MoE dispatch (forward or
+    backward) depends on chunk i's expert GEMMs.
+
+    The expert GEMMs of a chunk are the instructions with matmul FLOPs between its two
+    collectives (dispatch -> GEMMs -> return), found from the graph since XLA drops the
+    names of some fused dots.
+    """
+    entry, comps = parse(hlo)
+    shapes = {i.name: i.arrays[0][1] for i in entry if i.arrays}
+    reach = dependents(entry)
+    gemm = {i.name for i in entry if flops(i, comps, shapes) > 0}
+    for phase in ("/", "_bwd/"):
+        coll = [[i.name for i in entry if i.collective and "moe_dispatch" in i.op_name
+                 and f"chunk{c}{phase}" in i.op_name] for c in range(chunks)]
+        for c in range(chunks):
+            first = [a for a in coll[c] if any(b in reach[a] for b in coll[c])]
+            assert first, (phase, c, coll[c])  # dispatch reaches its return through GEMMs
+            gemms = {g for a in first for g in reach[a] & gemm
+                     if any(b in reach[g] for b in coll[c])}
+            assert gemms, (phase, c)
+            if c + 1 < chunks:
+                late = [g for g in gemms if any(b in reach[g] for b in coll[c + 1])]
+                assert not late, f"chunk {c + 1}'s collectives wait for chunk {c}'s GEMMs {late}"

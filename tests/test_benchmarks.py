@@ -7,13 +7,12 @@ import pytest
 
 from support import load_script
 
-pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
-
 
 def load(name):
     return load_script(f"benchmarks/{name}.py")
 
 
+@pytest.mark.slow
 def test_compare_smoke_run(tmp_path, capsys):
     png = tmp_path / "compare.png"
     tiny = ["model.d_model=32", "model.num_layers=1", "model.num_dense_layers=0",

@@ -19,25 +19,9 @@ from msmoe_jax.model import load_balancing_loss, reference_ops, route_topk  # no
 from msmoe_jax.objective import reference_loss_fn  # noqa: E402
 from msmoe_jax.parallel.mesh import Layout, make_mesh  # noqa: E402
 from msmoe_jax.state import init_state  # noqa: E402
-from support import tiny_config  # noqa: E402
+from support import tiny_config, tiny_mixtral  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 256, size=(2, 24))
-
-
-def tiny_mixtral(path, **overrides):
-    cfg = transformers.MixtralConfig(**{**dict(
-        vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=64, rope_theta=5000.0,
-        rms_norm_eps=1e-5), **overrides})
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return model
 
 
 def torch_logits(model):

@@ -14,11 +14,9 @@ import yaml
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_convert import tiny_mixtral  # noqa: E402
-
 from msmoe_jax.config import Config, ConfigError, load_config  # noqa: E402
 from msmoe_jax.convert import main  # noqa: E402
-from support import ROOT  # noqa: E402
+from support import ROOT, tiny_mixtral  # noqa: E402
 
 pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
 

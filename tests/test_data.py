@@ -97,6 +97,8 @@ def test_global_batches_match_the_batched_stream_on_any_sharding(tmp_path):
     data.set_state({"next_batch": 1})  # a checkpoint from before positions counted windows
     np.testing.assert_array_equal(data.rows(8, 2, 5), np.asarray(data.next(
         NamedSharding(mesh, P())))[2:5])
+    data.set_state({"next_batch": 3}, saved_batch_size=4)  # saved with batches of 4
+    assert data.get_state()["next_window"] == 12
     with pytest.raises(DataError, match="next_window"):
         data.set_state({"position": 3})
 

@@ -137,7 +137,7 @@ def test_chunked_ragged_pipeline_compiles_for_h100():
     """The chunked pipeline runs the ragged exchange and the Pallas kernel on GPU: in the H100
     program no collective of chunk 1's dispatch (forward or backward) waits for chunk 0's
     expert GEMMs, and the exchanges are async start/done pairs."""
-    from test_overlap import assert_chunks_independent
+    from support import assert_chunks_independent
 
     cfg = tiny_config(parallel={"expert_data": 1, "expert": 8, "dispatch": "all_to_all",
                                 "chunks": 2},

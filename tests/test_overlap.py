@@ -6,7 +6,7 @@ import re
 import pytest
 
 from equality import A2A, AG, MODEL, RAGGED, check_against_reference
-from msmoe_jax.steptime.hlo import dependents, flops, parse
+from support import assert_chunks_independent
 
 pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow' skips)
 
@@ -50,27 +50,3 @@ def test_schedule_matches_single_device(name):
         assert_chunks_independent(compiled.as_text(), parallel["chunks"])
 
 
-def assert_chunks_independent(hlo: str, chunks: int):
-    """In the compiled program, no collective of chunk i+1's MoE dispatch (forward or
-    backward) depends on chunk i's expert GEMMs.
-
-    The expert GEMMs of a chunk are the instructions with matmul FLOPs between its two
-    collectives (dispatch -> GEMMs -> return), found from the graph since XLA drops the
-    names of some fused dots.
-    """
-    entry, comps = parse(hlo)
-    shapes = {i.name: i.arrays[0][1] for i in entry if i.arrays}
-    reach = dependents(entry)
-    gemm = {i.name for i in entry if flops(i, comps, shapes) > 0}
-    for phase in ("/", "_bwd/"):
-        coll = [[i.name for i in entry if i.collective and "moe_dispatch" in i.op_name
-                 and f"chunk{c}{phase}" in i.op_name] for c in range(chunks)]
-        for c in range(chunks):
-            first = [a for a in coll[c] if any(b in reach[a] for b in coll[c])]
-            assert first, (phase, c, coll[c])  # dispatch reaches its return through GEMMs
-            gemms = {g for a in first for g in reach[a] & gemm
-                     if any(b in reach[g] for b in coll[c])}
-            assert gemms, (phase, c)
-            if c + 1 < chunks:
-                late = [g for g in gemms if any(b in reach[g] for b in coll[c + 1])]
-                assert not late, f"chunk {c + 1}'s collectives wait for chunk {c}'s GEMMs {late}"

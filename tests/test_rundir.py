@@ -3,6 +3,7 @@ with another run, resume a checkpoint of another model, or hang on a coordinator
 there. Each failure is one ``error:`` line."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -121,8 +122,9 @@ def test_refused_resume_names_the_changed_fields_and_keeps_config_json(tmp_path)
     assert r.returncode == 1, r.stderr
     assert error_lines(r.stderr) == [
         f"error: run.dir={tmp_path / 'run'}: cannot resume from step 2: its checkpoint holds "
-        "another model (model.d_model: 32 -> 64, saved -> this config). Set those fields back, "
-        "or start afresh with checkpoint.resume=false or another run.dir"], r.stderr
+        "another model or optimizer state (model.d_model: 32 -> 64, saved -> this config). Set "
+        "those fields back, or start afresh with checkpoint.resume=false or another run.dir"], \
+        r.stderr
     for noise in ("Traceback", "Event loop is closed", "strict=False"):
         assert noise not in r.stderr, r.stderr
     assert (tmp_path / "run" / "config.json").read_text() == saved
@@ -159,3 +161,59 @@ def test_unresolvable_coordinator_fails_at_once(tmp_path):
     assert error_lines(r.stderr) and error_lines(r.stderr)[0].startswith(
         "error: --coordinator nonexistent.invalid:23456: cannot resolve host"), r.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_run_lock_is_exclusive_until_released(tmp_path):
+    first = rundir.RunLock(tmp_path)
+    with pytest.raises(rundir.RunDirError, match=f"another run is using it \\(process "
+                                                 f"{os.getpid()} on {socket.gethostname()}"):
+        rundir.RunLock(tmp_path)
+    first.release()
+    rundir.RunLock(tmp_path).release()
+
+
+def test_coordinator_addresses_are_parsed_before_waiting():
+    with pytest.raises(distributed.DistributedError, match="port in 1..65535"):
+        distributed.wait_for_coordinator("127.0.0.1:70000", 5)
+    with pytest.raises(distributed.DistributedError, match="port in 1..65535"):
+        distributed.wait_for_coordinator("127.0.0.1", 5)
+    # [IPv6]:port is the form JAX takes: resolved, then waited for (nothing listens here).
+    with pytest.raises(distributed.DistributedError, match="nothing answered"):
+        distributed.wait_for_coordinator(f"[::1]:{free_port()}", 0.3, say=lambda _: None)
+
+
+def test_finite_watch_names_the_first_bad_step():
+    """Resumed at step 5: steps 6 (finite), 7 and 8 (not): the error names step 7."""
+    from jax.sharding import PartitionSpec
+
+    from msmoe_jax.trainer import FiniteWatch
+
+    mesh = jax.make_mesh((8,), ("data",))
+    watch = FiniteWatch(mesh, first_step=5)
+    watch.check(None)  # nothing bad yet
+    for ok in (True, False, False):
+        watch.note(jax.device_put(np.bool_(ok), jax.NamedSharding(mesh, PartitionSpec())))
+    with pytest.raises(NonFiniteError, match=r"^step 7: .*checkpoints are off"):
+        watch.check(None)
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged(tmp_path):
+    """The compiled step with one parameter poisoned: loss not finite, and the state comes
+    back as it went in (step counter, parameters, optimizer state)."""
+    from msmoe_jax.step import make_train_step
+
+    cfg = tiny_config(tmp_path)
+    layout = Layout.from_config(cfg, 8)
+    mesh = make_mesh(layout, jax.devices())
+    graphdef, optimizer, state, specs = init_state(cfg, mesh, layout)
+    leaves, tree = jax.tree.flatten(state["params"])
+    leaves[0] = leaves[0] * np.nan
+    state = dict(state, params=jax.tree.unflatten(tree, leaves))
+    before = jax.device_get(state)
+    step = make_train_step(cfg, graphdef, optimizer, mesh, layout, specs)
+    tokens = jax.device_put(np.ones((cfg.train.batch_size, cfg.train.seq_len + 1), np.int32),
+                            jax.NamedSharding(mesh, layout.batch))
+    after, metrics = step(state, tokens)
+    assert not bool(metrics["finite"])
+    assert int(after["step"]) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after), before)
