@@ -126,6 +126,12 @@ class ParallelConfig:
     # hand-scheduled (parallel/pipeline.py). 1 = off. Needs dropless MoE and the padded
     # all_to_all or the all_gather dispatch.
     chunks: int = 1
+    # ZeRO: 0 keeps the optimizer state beside each replica of its parameter; 1 shards the
+    # AdamW moments of every parameter over that parameter's replica devices (the mesh axes
+    # its own layout does not split it over), so each device keeps 1/replicas of them and
+    # updates only that part; the parameters are then all-gathered (optax runs under jit,
+    # the shardings say where each piece lives).
+    zero: Literal[0, 1] = 0
 
 
 @dataclasses.dataclass

@@ -64,7 +64,7 @@ def plan(cfg: Config, devices: int) -> Plan:
                 "opt_state": optimizer.init(params)}
 
     shapes = jax.eval_shape(init)
-    specs = state_specs(shapes, optimizer, layout)
+    specs = state_specs(shapes, optimizer, layout, cfg.parallel.zero)
 
     def split(spec) -> int:
         axes = [a for entry in spec if entry is not None

@@ -33,7 +33,7 @@ def init_state(cfg: Config, mesh: Mesh, layout: Layout, abstract: bool = False):
                 "opt_state": optimizer.init(params)}
 
     shapes = jax.eval_shape(init)
-    specs = state_specs(shapes, optimizer, layout)
+    specs = state_specs(shapes, optimizer, layout, cfg.parallel.zero)
     shardings = jax.tree.map(lambda spec: sharding(mesh, spec), specs)
     if abstract:
         state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from msmoe_jax.config import Config
 from msmoe_jax.optim import lr_schedule
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, sharding
-from msmoe_jax.parallel.strategy import make_grad_fn
+from msmoe_jax.parallel.strategy import make_grad_fn, zero_specs
 
 
 def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout, specs,
@@ -32,6 +32,10 @@ def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout
             on_trace()
         metrics, grads = grad_fn(state["params"], tokens)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        if cfg.parallel.zero:  # each device computes the update of its moments' part only
+            updates = jax.lax.with_sharding_constraint(
+                updates, jax.tree.map(lambda s: sharding(mesh, s),
+                                      zero_specs(updates, specs["params"], layout)))
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

@@ -12,11 +12,14 @@ devices with identical losses.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from msmoe_jax.config import Config
 from msmoe_jax.kernels.experts import kernel_experts, pallas_dot, tiles_of
@@ -41,7 +44,7 @@ from msmoe_jax.parallel.experts import (
     experts_padded_all_to_all,
     experts_ragged_all_to_all,
 )
-from msmoe_jax.parallel.grad_exchange import exchange_gradients, vary_replicas
+from msmoe_jax.parallel.grad_exchange import exchange_gradients, replica_axes, vary_replicas
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, is_gpu
 
 
@@ -111,13 +114,41 @@ def param_specs(params, layout: Layout):
                         params, is_leaf=is_var)
 
 
-def state_specs(state, optimizer: optax.GradientTransformation, layout: Layout):
+def state_specs(state, optimizer: optax.GradientTransformation, layout: Layout,
+                zero: int = 0):
     """PartitionSpecs for the train state {step, params, opt_state}: optimizer moments follow
-    their parameters, counters are replicated."""
+    their parameters (``zero=0``) or are also split over the parameters' replica devices
+    (``zero=1``, ``zero_spec``); counters are replicated."""
     specs = param_specs(state["params"], layout)
-    opt = optax.tree_map_params(optimizer, lambda _, spec: spec, state["opt_state"], specs,
+    moments = zero_specs(state["params"], specs, layout) if zero else specs
+    opt = optax.tree_map_params(optimizer, lambda _, spec: spec, state["opt_state"], moments,
                                 transform_non_params=lambda _: REPLICATED)
     return {"step": REPLICATED, "params": specs, "opt_state": opt}
+
+
+def zero_specs(params, specs, layout: Layout):
+    """``zero_spec`` of every parameter: the layout of its sharded optimizer state."""
+    sizes = dict(layout.mesh_axes)
+    return jax.tree.map(lambda p, s: zero_spec(s, p.shape, sizes), params, specs)
+
+
+def zero_spec(spec: P, shape: tuple[int, ...], sizes: dict[str, int]) -> P:
+    """``spec`` also split over its replica axes (the mesh axes it does not use), on the
+    largest dimension they divide (appended to that dimension's own axes); unchanged when
+    no dimension divides (small leaves stay replicated)."""
+    replicas = tuple(a for a in replica_axes(spec, tuple(sizes)) if sizes[a] > 1)
+    if not replicas:
+        return spec
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    own = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
+    split = lambda e: math.prod(sizes[a] for a in own(e))
+    n = math.prod(sizes[a] for a in replicas)
+    fits = [d for d in range(len(shape)) if shape[d] % (split(entries[d]) * n) == 0]
+    if not fits:
+        return spec
+    d = max(fits, key=lambda d: shape[d] // split(entries[d]))
+    entries[d] = own(entries[d]) + replicas
+    return P(*entries)
 
 
 def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout, specs):
