@@ -9,7 +9,7 @@ import pytest
 from msmoe_jax.comms import reference_layouts, step_collectives
 from msmoe_jax.parallel.comm_bytes import by_scope, collectives
 from msmoe_jax.parallel.mesh import validate_for
-from msmoe_jax.steptime.hlo import Routing, flatten, parse, replica_groups
+from msmoe_jax.steptime.hlo import Routing, collective_payload, flatten, parse, replica_groups
 from support import ROOT, tiny_config, write_config
 
 
@@ -179,3 +179,22 @@ def test_deep_programs_add_the_blocks_they_did_not_compile():
     a2a = Collective("all-to-all", "moe_dispatch", ((8,),), 8, 14.0)
     two, four = [grad, a2a, a2a], [grad, a2a, a2a, a2a, a2a]  # a block: 1 exchange
     assert sorted(c.op for c in more_blocks(two, four, 3)) == ["all-reduce"] + ["all-to-all"] * 10
+
+
+def test_async_all_reduce_counts_its_results_once():
+    """jax 0.11's XLA types an all-reduce-start ((operands), results): the operands are not
+    moved twice. The older form (results alone, combined) keeps every result."""
+    new = parse(entry(
+        "%a = f32[1000]{0} parameter(0)",
+        "%s = ((f32[1000]{0}), f32[1000]{0}) all-reduce-start(%a), channel_id=1, "
+        "replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add",
+        "ROOT %d = f32[1000]{0} all-reduce-done(%s)"))[0]
+    old = parse(entry(
+        "%a = f32[1000]{0} parameter(0)",
+        "%b = f32[24]{0} parameter(1)",
+        "%s = (f32[1000]{0}, f32[24]{0}) all-reduce-start(%a, %b), channel_id=1, "
+        "replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add",
+        "ROOT %d = (f32[1000]{0}, f32[24]{0}) all-reduce-done(%s)"))[0]
+    start = lambda instrs: next(i for i in instrs if i.op == "all-reduce-start")
+    assert collective_payload(start(new)) == 4000
+    assert collective_payload(start(old)) == 4096

@@ -174,13 +174,14 @@ def replica_groups(instr: Instr, num_devices: int) -> list[list[int]]:
 
 def collective_arrays(instr: Instr) -> list[tuple[str, tuple[int, ...]]]:
     """The collective's results. An async start returns (operands, results[, context]) as a
-    tuple: its results are the second element."""
-    # (all-reduce-start returns its results alone, several when XLA combined them.)
-    if (instr.op.endswith("-start") and instr.op != "all-reduce-start"
-            and instr.shape.startswith("(")):
+    tuple: its results are the second element. An all-reduce-start returns its results alone
+    (several when XLA combined them), or, in jax 0.11's XLA, ((operands), results...)."""
+    if instr.op.endswith("-start") and instr.shape.startswith("("):
         parts = _top_level(instr.shape.strip()[1:-1])
-        if len(parts) >= 2:
+        if instr.op != "all-reduce-start" and len(parts) >= 2:
             return arrays_in(parts[1])
+        if instr.op == "all-reduce-start" and len(parts) >= 2 and parts[0].strip()[:1] == "(":
+            return arrays_in(",".join(parts[1:]))
     return instr.arrays
 
 
