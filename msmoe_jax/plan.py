@@ -37,7 +37,7 @@ class Plan(NamedTuple):
     param_bytes_per_device: int  # parameters held by one device
     state_bytes_per_device: int  # parameters + optimizer state held by one device
     largest_replicated: tuple[str, int]  # the biggest parameter every device holds whole
-    grad_bytes_per_device: int  # FP32 gradients of the parameters one device holds
+    grad_bytes_per_device: int  # FP32 gradients one device holds (its part, with zero)
     on_gpu: str  # what the auto choices resolve to on GPUs (parallel/choices.py)
     on_cpu: str  # ... and on CPU devices
 
@@ -51,7 +51,7 @@ def plan(cfg: Config, devices: int) -> Plan:
     from msmoe_jax.optim import make_optimizer
     from msmoe_jax.parallel.choices import resolve
     from msmoe_jax.parallel.mesh import Layout, validate_for
-    from msmoe_jax.parallel.strategy import state_specs
+    from msmoe_jax.parallel.strategy import state_specs, zero_specs
 
     validate_for(cfg, devices)
     layout = Layout.from_config(cfg, devices)
@@ -84,7 +84,8 @@ def plan(cfg: Config, devices: int) -> Plan:
     return Plan(devices, layout.describe(), sizes, sum(x.size for _, x in params),
                 held(shapes["params"], specs["params"]), held(shapes, specs),
                 max(replicated, key=lambda r: r[1], default=("", 0)),
-                held(shapes["params"], specs["params"], itemsize=4),
+                held(shapes["params"], zero_specs(shapes["params"], specs["params"], layout)
+                     if cfg.parallel.zero else specs["params"], itemsize=4),
                 resolve(cfg, layout, gpu=True).describe(),
                 resolve(cfg, layout, gpu=False).describe())
 

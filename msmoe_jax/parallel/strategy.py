@@ -12,6 +12,7 @@ devices with identical losses.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,7 +45,12 @@ from msmoe_jax.parallel.experts import (
     experts_padded_all_to_all,
     experts_ragged_all_to_all,
 )
-from msmoe_jax.parallel.grad_exchange import exchange_gradients, replica_axes, vary_replicas
+from msmoe_jax.parallel.grad_exchange import (
+    exchange_gradients,
+    replica_axes,
+    scatter_gradients,
+    vary_replicas,
+)
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, is_gpu
 
 
@@ -153,6 +159,8 @@ def zero_spec(spec: P, shape: tuple[int, ...], sizes: dict[str, int]) -> P:
 
 def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout, specs):
     """Returns ``grad_fn(params, tokens) -> (metrics, grads)``, to be called under ``jit``.
+    With ``parallel.zero`` the gradients come reduce-scattered, laid out like the sharded
+    optimizer state (``zero_specs``).
 
     params: laid out by ``specs`` (``param_specs``); tokens: [batch, seq_len + 1]. Everything
     runs per device under one ``shard_map``: each device differentiates the loss w.r.t. its
@@ -175,7 +183,7 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
 
     grad = jax.value_and_grad(micro_batch, has_aux=True)
 
-    def per_device(params, inputs, targets, positions):
+    def per_device(params, inputs, targets, positions, zero=None):
         local = vary_replicas(params, specs, layout.all_axes)
         if steps == 1:
             (_, metrics), grads = grad(local, inputs, targets, positions)
@@ -192,8 +200,13 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
             metrics = {k: (jnp.sum if k in COUNTS else jnp.mean)(m, axis=0)
                        for k, m in metrics.items()}
         # The exchange starts from FP32 whatever the parameters' dtype.
-        grads = exchange_gradients(jax.tree.map(lambda g: g.astype(jnp.float32), grads), specs,
-                                   layout.all_axes, sizes, cfg.compression.gradients)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        if zero is None:
+            grads = exchange_gradients(grads, specs, layout.all_axes, sizes,
+                                       cfg.compression.gradients)
+        else:
+            grads = scatter_gradients(grads, specs, zero, layout.all_axes, sizes,
+                                      cfg.compression.gradients)
         return metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, local)
 
     # Two cases run without shard_map's varying-axes check: the Pallas interpreter (the
@@ -203,12 +216,14 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
     # The tests compare both paths' gradients with the single-device reference.
     interpreted = choices.pallas and choices.interpret
     check = not interpreted and cfg.compression.gradients == "fp32"
-    sharded = jax.shard_map(
-        per_device, mesh=mesh,
-        in_specs=(specs, layout.tokens, layout.tokens, layout.positions),
-        out_specs=(REPLICATED, specs), check_vma=check)
 
     def grad_fn(params, tokens):
+        # With parallel.zero the gradients leave laid out like the sharded optimizer state.
+        zero = zero_specs(params, specs, layout) if cfg.parallel.zero else None
+        sharded = jax.shard_map(
+            functools.partial(per_device, zero=zero), mesh=mesh,
+            in_specs=(specs, layout.tokens, layout.tokens, layout.positions),
+            out_specs=(REPLICATED, specs if zero is None else zero), check_vma=check)
         positions = jnp.arange(tokens.shape[1] - 1)
         return sharded(params, tokens[:, :-1], tokens[:, 1:], positions)
 
