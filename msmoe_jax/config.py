@@ -128,9 +128,9 @@ class ParallelConfig:
     chunks: int = 1
     # ZeRO: 0 keeps the optimizer state beside each replica of its parameter; 1 shards the
     # AdamW moments of every parameter over that parameter's replica devices (the mesh axes
-    # its own layout does not split it over), so each device keeps 1/replicas of them and
-    # updates only that part; the parameters are then all-gathered (optax runs under jit,
-    # the shardings say where each piece lives).
+    # its own layout does not split it over): the gradients are reduce-scattered into those
+    # parts, each device updates only its part, and the update is all-gathered into the
+    # (replicated) parameters. Same traffic as 0, a fraction of the optimizer memory.
     zero: Literal[0, 1] = 0
 
 
