@@ -6,7 +6,8 @@ same compiles, as the markdown tables of docs/performance.md.
                                        [--out h100_programs.md]
 
 Needs ``pip install -e .[h100-compile]``. Configs deeper than 8 layers are compiled at 2 and 4
-layers and extrapolated per layer. Several minutes per cluster config on 2 CPU cores.
+layers and extrapolated per layer. Several minutes per cluster config on 2 CPU cores. A config
+with a former layout (``FORMER``) is followed by that layout, for comparison.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from msmoe_jax.h100 import platforms_for_compiling  # noqa: E402
+
+# Layouts the shipped configs used before, kept as comparisons rather than as configs.
+FORMER = {
+    # Experts across nodes x expert_tensor 8 in the node, replicated optimizer state (before
+    # ZeRO-1 let the experts move inside the node).
+    "mixtral_8x7b_64xh100.yaml": ["parallel.zero=0", "parallel.expert_data=1",
+                                  "parallel.expert_tensor=8", "train.grad_accum_steps=16"],
+}
 
 
 def main(argv=None) -> int:
@@ -39,8 +48,13 @@ def main(argv=None) -> int:
     from msmoe_jax.steptime.report import analyse, expert_recompute
 
     memory_rows, work_rows = [], []
-    for name in args.configs:
-        cfg = load_config(ROOT / "configs" / name, args.overrides)
+    entries = []  # (row label, config file, overrides of a former layout)
+    for file in args.configs:
+        entries.append((file, file, []))
+        if file in FORMER:
+            entries.append((f"{file} (former layout)", file, FORMER[file]))
+    for name, file, former in entries:
+        cfg = load_config(ROOT / "configs" / file, [*former, *args.overrides])
         n = cfg.parallel.devices or 8
         validate_for(cfg, n)
         t0 = time.perf_counter()
