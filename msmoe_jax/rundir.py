@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from msmoe_jax.config import ConfigError
 
 LOCK = ".lock"
@@ -77,8 +81,6 @@ class RunLock:
 def lock_run_dir(run_dir: Path) -> RunLock | None:
     """Process 0 locks the run directory; in a multi-process run every process learns whether
     it did, so all of them stop (not only process 0) when another run holds it."""
-    import jax
-
     lock, refused = None, None
     if jax.process_index() == 0:
         try:
@@ -86,9 +88,6 @@ def lock_run_dir(run_dir: Path) -> RunLock | None:
         except RunDirError as e:
             refused = e
     if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
-
         failed = multihost_utils.broadcast_one_to_all(np.int32(refused is not None))
         if int(failed) and refused is None:
             refused = RunDirError(f"run.dir={run_dir}: process 0 could not lock it (see its "

@@ -138,7 +138,6 @@ def common_config(hf: dict) -> dict:
         attention_bias=False, qk_norm="none", shared_expert_gate=False)
 
 
-
 def full_attention(hf: dict, windowed: bool) -> None:
     if windowed:
         require(hf, "sliding_window", lambda v: not v or v >= hf["max_position_embeddings"],
