@@ -32,9 +32,36 @@ def abstract_like(tree: Any) -> Any:
 
 
 def _name(path) -> str:
-    """A tree path as Orbax names the array: ``params.blocks.0.attn.wq.value``."""
+    """A tree path as Orbax names the array: ``params.moe_blocks.attn.wq.value``."""
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
                     for k in path)
+
+
+UNSTACKED = ("its layers are stored one by one (params.blocks.N, written before the blocks "
+             "were stacked for jax.lax.scan), which this version does not read; export it "
+             "to Hugging Face with the version that wrote it and import it here "
+             "(docs/checkpoints-and-hf.md), or start afresh with another run.dir")
+
+
+def unstacked_layers(names) -> bool:
+    """Whether array names (``params.blocks.0.attn.wq.value``) come from a checkpoint with
+    one entry per layer: the layout before the blocks were stacked."""
+    return any(".blocks." in f".{n}" for n in names)
+
+
+def saved_names(path: Path) -> list[str]:
+    """The array names in an imported ``params/`` or a checkpoint step's ``state/`` under
+    ``path``; empty when there is no readable metadata."""
+    for item in ("params", "state"):
+        if (Path(path) / item).is_dir():
+            try:
+                with ocp.StandardCheckpointer() as ckpt:
+                    tree = ckpt.metadata(Path(path) / item)
+                tree = getattr(tree, "item_metadata", tree)
+                return [_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+            except Exception:  # noqa: BLE001 - no metadata: nothing to say
+                return []
+    return []
 
 
 def _first_sentence(e: Exception) -> str:
@@ -92,7 +119,8 @@ class Checkpointer:
 
     def mismatches(self, step: int, target: Any) -> list[str]:
         """The arrays whose saved shape differs from ``target``'s (or that only one side has),
-        from the checkpoint's metadata; empty when the metadata cannot be read."""
+        from the checkpoint's metadata; empty when the metadata cannot be read. Raises
+        CheckpointError for a checkpoint with one entry per layer (``unstacked_layers``)."""
         try:
             saved = self.manager.item_metadata(step)["state"]
         except Exception:  # noqa: BLE001 - then restore itself reports what is wrong
@@ -100,6 +128,8 @@ class Checkpointer:
         have = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
         if not have:  # no usable metadata: let restore judge
             return []
+        if unstacked_layers(have):
+            raise CheckpointError(f"checkpoint {self.directory / str(step)}: {UNSTACKED}")
         want = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
         return [f"{k} {have.get(k, 'absent')} saved, {want.get(k, 'absent')} here"
                 for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]

@@ -132,6 +132,13 @@ class ParallelConfig:
     # parts, each device updates only its part, and the update is all-gathered into the
     # (replicated) parameters. Same traffic as 0, a fraction of the optimizer memory.
     zero: Literal[0, 1] = 0
+    # The embedding and the LM head: "sharded" splits the vocabulary over the attention group
+    # (parallel.sequence x parallel.tensor devices), with a fused cross-entropy that combines
+    # the softmax statistics over the group and never holds [tokens, vocab] logits
+    # (parallel/vocab.py); "replicated" keeps both tables whole on every device. "auto":
+    # sharded when the group has more than one device, divides model.vocab_size, and the
+    # tables' FP32 parameters and Adam moments (12 bytes an entry) would take >= 1 GiB.
+    vocab: Literal["auto", "sharded", "replicated"] = "auto"
 
 
 @dataclasses.dataclass
@@ -166,6 +173,11 @@ class TrainConfig:
     # activation, "selective" stores the attention core's inputs and context and the experts'
     # dispatched and combined rows and recomputes the rest, "full" stores only block inputs.
     remat: Literal["none", "selective", "full"] = "none"
+    # Run the layers under jax.lax.scan (one block of each kind in the compiled program:
+    # compile time independent of depth) or unrolled (one copy per layer: the scheduler may
+    # overlap across layer boundaries, compile time grows with depth). Same parameters and
+    # checkpoints either way.
+    scan_layers: bool = True
     # Micro-batches per step: each device's batch is split into this many, their gradients
     # are accumulated in FP32, and the gradient exchange runs once per step.
     grad_accum_steps: int = 1

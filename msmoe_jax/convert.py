@@ -163,7 +163,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, cfg: Config, devi
     import jax
     import orbax.checkpoint as ocp
 
-    from msmoe_jax.hf.families import FAMILIES
+    from msmoe_jax.hf.families import FAMILIES, hf_names
     from msmoe_jax.hf.io import Reader, expected_shape, load_param
     from msmoe_jax.parallel.mesh import Layout, make_mesh
     from msmoe_jax.state import init_state
@@ -183,7 +183,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, cfg: Config, devi
     missing = [p for p in paths if p not in sources]
     if missing:
         raise ConversionError(f"{arch}: no source for our parameters {missing[:3]}")
-    used = {n for s in sources.values() for n in getattr(s, "names", (getattr(s, "name", None),))}
+    used = {n for s in sources.values() for n in hf_names(s)}
     unused = sorted(set(reader.weight_map) - used)
     if unused:
         raise ConversionError(f"{hf_dir}: tensors our {arch} model has no place for (they would "
@@ -215,6 +215,7 @@ def restore_params(path: str | Path, cfg: Config, mesh, layout):
     (``state``), placed on ``mesh`` as ``layout`` shards them."""
     import orbax.checkpoint as ocp
 
+    from msmoe_jax.checkpoint import UNSTACKED, saved_names, unstacked_layers
     from msmoe_jax.state import init_state
 
     path = Path(path).absolute()
@@ -226,6 +227,8 @@ def restore_params(path: str | Path, cfg: Config, mesh, layout):
             if (path / "state").is_dir():
                 return ckpt.restore(path / "state", abstract)["params"]
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report them plainly
+        if unstacked_layers(saved_names(path)):
+            raise ConversionError(f"{path}: {UNSTACKED}") from None
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise ConversionError(f"{path}: could not restore parameters for this model config "
                               f"({type(e).__name__}: {msg})") from e

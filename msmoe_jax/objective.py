@@ -28,9 +28,7 @@ def loss_terms(graphdef: nnx.GraphDef, params, inputs: jax.Array, targets: jax.A
     Returns (loss [], metrics dict of scalars), identical on every device after ``reduce``.
     """
     model = nnx.merge(graphdef, params)
-    logits, stats = model(inputs, positions, ops)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    nll, stats = model.nll(inputs, targets, positions, ops)
     sums = {"nll": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}
     if stats is not None:
         sums["router"] = stats

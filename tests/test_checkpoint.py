@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from msmoe_jax.checkpoint import Checkpointer
+from msmoe_jax.checkpoint import Checkpointer, CheckpointError
 from msmoe_jax.parallel.mesh import Layout, make_mesh
 from msmoe_jax.state import init_state
 from msmoe_jax.trainer import train
@@ -65,8 +65,8 @@ def test_restore_onto_a_different_layout_and_mesh(tmp_path):
                                jax.tree.leaves(target)):
         assert got.sharding == like.sharding
         np.testing.assert_array_equal(np.asarray(got), want)
-    w_up = restored["params"]["blocks"][0]["ffn"]["w_up"][...]  # [E, d, f] over expert x etp
-    assert w_up.addressable_shards[0].data.shape == (2, 32, 16)
+    w_up = restored["params"]["moe_blocks"]["ffn"]["w_up"][...]  # [L, E, d, f]: expert x etp
+    assert w_up.addressable_shards[0].data.shape[1:] == (2, 32, 16)
 
     # Continue under the 4-device layout from step 2: the 8-device run's losses (fp32).
     run4 = tmp_path / "run4"
@@ -86,3 +86,30 @@ def test_partial_checkpoint_is_ignored(tmp_path):
     (ckpt_dir / "7.orbax-checkpoint-tmp-1700000000").mkdir()
     (ckpt_dir / "7.orbax-checkpoint-tmp-1700000000" / "junk").write_text("partial")
     assert Checkpointer(ckpt_dir, 2, 2).latest_step() == 2
+
+
+def test_checkpoints_with_one_entry_per_layer_are_refused_by_name(tmp_path):
+    """Checkpoints written before the blocks were stacked (params.blocks.N) are refused with
+    one message saying why, on resume and as init_from/export sources."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from msmoe_jax.convert import ConversionError, restore_params
+
+    cfg = tiny_config(tmp_path)
+    layout = Layout.from_config(cfg, 1)
+    mesh = make_mesh(layout, jax.devices()[:1])
+    _, _, target, _ = init_state(cfg, mesh, layout, abstract=True)
+    old = {"step": jnp.zeros((), jnp.int32),
+           "params": {"blocks": {"0": {"attn": {"wq": {"value": jnp.ones((64, 4, 16))}}}}}}
+    ckpt = Checkpointer(tmp_path / "ckpts", 1, 2, async_save=False)
+    ckpt.save(3, old, {"next_window": 0, "seq_len": 16}, force=True)
+    with pytest.raises(CheckpointError, match="its layers are stored one by one"):
+        ckpt.restore(3, target)
+    ckpt.close()
+    with ocp.StandardCheckpointer() as c:
+        c.save(tmp_path / "imported" / "params", old["params"])
+    with pytest.raises(ConversionError, match="its layers are stored one by one"):
+        restore_params(tmp_path / "imported", cfg, mesh, layout)
+    with pytest.raises(ConversionError, match="its layers are stored one by one"):
+        restore_params(tmp_path / "ckpts" / "3", cfg, mesh, layout)

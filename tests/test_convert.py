@@ -56,8 +56,8 @@ def test_mixtral_import_matches_pytorch_and_exports_back(tmp_path):
 
     layout = Layout.from_config(run, 8)
     params = restore_params(tmp_path / "ours", run, make_mesh(layout), layout)
-    w_up = params["blocks"][0]["ffn"]["w_up"][...]
-    assert w_up.addressable_shards[0].data.shape == (1, 32, 48)  # experts split 4 ways
+    w_up = params["moe_blocks"]["ffn"]["w_up"][...]  # [layers, E, d, f]
+    assert w_up.addressable_shards[0].data.shape[1:] == (1, 32, 48)  # experts split 4 ways
     ours, ref = our_logits(run, params), torch_logits(hf)
     diff = float(np.max(np.abs(ours - ref)))
     print(f"Mixtral max |logit difference| {diff:.2e}")

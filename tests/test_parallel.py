@@ -18,22 +18,26 @@ LAYOUTS = {
     "data8-ragged-tied-top1": ({"data": 8}, {"expert_compute": "ragged_dot", "top_k": 1,
                                              "tie_embeddings": True, "renormalize_topk": False}),
     "seq8": ({"data": 1, "sequence": 8}, {}),
-    "seq8-kv8": ({"data": 1, "sequence": 8}, {"num_kv_heads": 8}),
+    # The vocabulary split over the attention group, with a tied head.
+    "seq8-kv8-tied-vocab": ({"data": 1, "sequence": 8, "vocab": "sharded"},
+                            {"num_kv_heads": 8, "tie_embeddings": True}),
     "ep8-a2a": ({"expert_data": 1, "expert": 8, **A2A}, {}),
     "ep8-a2a-capacity": ({"expert_data": 1, "expert": 8, **A2A}, CAPACITY),
     "seq4xdata2-ep8-a2a": ({"data": 2, "sequence": 4, "expert_data": 1, "expert": 8, **A2A}, {}),
     "seq4xdata2-ep8-gather": ({"data": 2, "sequence": 4, "expert_data": 1, "expert": 8, **AG},
                               {}),
-    "tp2xseq2xdata2-ep4xed2-a2a": (
-        {"data": 2, "sequence": 2, "tensor": 2, "expert_data": 2, "expert": 4, **A2A}, {}),
+    "tp2xseq2xdata2-ep4xed2-a2a-vocab": (
+        {"data": 2, "sequence": 2, "tensor": 2, "expert_data": 2, "expert": 4, **A2A,
+         "vocab": "sharded"}, {}),
     "tp2xseq2xdata2-ep4xed2-a2a-capacity": (
         {"data": 2, "sequence": 2, "tensor": 2, "expert_data": 2, "expert": 4, **A2A},
         CAPACITY),
     "tp2xseq2xdata2-tpattn-ep4xed2-gather-capacity": (
         {"data": 2, "sequence": 2, "tensor": 2, "attention": "tensor", "expert_data": 2,
          "expert": 4, **AG}, CAPACITY),
-    "tp8-tpattn-etp8": ({"data": 1, "tensor": 8, "attention": "tensor", "expert_data": 1,
-                         "expert_tensor": 8}, {}),
+    "tp8-tpattn-etp8-vocab": ({"data": 1, "tensor": 8, "attention": "tensor", "expert_data": 1,
+                               "expert_tensor": 8, "vocab": "sharded", "buffer_factor": 4.0},
+                              {}),
     "tp8-tpattn-kv8": ({"data": 1, "tensor": 8, "attention": "tensor"}, {"num_kv_heads": 8}),
     "data8-ep4xetp2-a2a-capacity": ({"expert_data": 1, "expert": 4, "expert_tensor": 2, **A2A},
                                     CAPACITY),
@@ -50,7 +54,7 @@ LAYOUTS = {
 
 
 # The quick check (-m "not slow") keeps one layout of each kind of exchange.
-QUICK = {"data8", "tp8-tpattn-etp8", "data8-ep4xetp2-ragged"}
+QUICK = {"data8", "tp8-tpattn-etp8-vocab", "data8-ep4xetp2-ragged"}
 
 
 @pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow)

@@ -41,6 +41,7 @@ def test_zero_spec_splits_the_largest_dimension_its_replicas_divide():
     assert zero_spec(P("a", None), (16, 3), sizes) == P(("a", "b"), None)  # 16 / (2 * 4)
     assert zero_spec(P(None), (6,), sizes) == P(None)  # nothing divides: stays replicated
     assert zero_spec(P("a", "b"), (8, 8), sizes) == P("a", "b")  # no replicas left
+    assert zero_spec(P(None, None), (64, 8), sizes, fixed=1) == P(None, ("a", "b"))  # layers
 
 
 def run_steps(cfg, steps=3):

@@ -42,7 +42,19 @@ class Stacked(NamedTuple):
     transpose: bool
 
 
-Source = Dense | Stacked
+class Layered(NamedTuple):
+    """Our stacked ``[layers, ...]`` parameter from one source per layer."""
+    layers: tuple[Dense | Stacked, ...]
+
+
+Source = Dense | Stacked | Layered
+
+
+def hf_names(source: Source) -> tuple[str, ...]:
+    """The HF tensors a source reads."""
+    if isinstance(source, Layered):
+        return tuple(n for s in source.layers for n in hf_names(s))
+    return source.names if isinstance(source, Stacked) else (source.name,)
 
 
 def number(value: Any, field: str) -> float:
@@ -209,49 +221,58 @@ def swiglu(ours: str, hf: str, names=("gate_proj", "up_proj", "down_proj")) -> d
             for w, n in zip(("w_gate", "w_up", "w_down"), names)}
 
 
+def block_tensors(m, naming: Naming, i: int, moe: bool) -> dict[str, Source]:
+    """Layer ``i``'s tensors: our path inside a block (``['attn']['wq'].value``) -> source."""
+    hf = f"model.layers.{i}"
+    attn = f"{hf}.self_attn"
+    out: dict[str, Source] = {
+        "['attn_norm']['scale'].value": Dense(f"{hf}.input_layernorm.weight", False),
+        "['ffn_norm']['scale'].value": Dense(f"{hf}.post_attention_layernorm.weight", False),
+        **{f"['attn']['{w}'].value": Dense(f"{attn}.{p}_proj.weight", True)
+           for w, p in (("wq", "q"), ("wk", "k"), ("wv", "v"))},
+        "['attn']['wo'].value": Dense(f"{attn}.o_proj.weight", True, 2),
+    }
+    if m.attention_bias:
+        out.update({f"['attn']['biases'][{j}].value": Dense(f"{attn}.{p}_proj.bias", False,
+                                                             flat=True)
+                    for j, p in enumerate("qkv")})
+    if m.qk_norm != "none":
+        out.update({f"['attn']['qk_norm'][{j}]['scale'].value": Dense(
+            f"{attn}.{p}_norm.weight", False) for j, p in enumerate("qk")})
+    if not moe:
+        out.update(swiglu("['ffn']", f"{hf}.mlp"))
+        return out
+    moe_hf = f"{hf}.{naming.moe}"
+    experts = lambda w: tuple(f"{moe_hf}.experts.{e}.{w}.weight" for e in range(m.num_experts))
+    gate, up, down = naming.experts
+    out.update({
+        "['ffn']['router'].value": Dense(f"{moe_hf}.gate.weight", True),
+        "['ffn']['w_gate'].value": Stacked(experts(gate), True),
+        "['ffn']['w_up'].value": Stacked(experts(up), True),
+        "['ffn']['w_down'].value": Stacked(experts(down), True),
+    })
+    if m.num_shared_experts:
+        out.update(swiglu("['ffn']['shared']", f"{moe_hf}.shared_expert"))
+    if m.shared_expert_gate:
+        out["['ffn']['shared_gate'].value"] = Dense(f"{moe_hf}.shared_expert_gate.weight", True)
+    return out
+
+
 def layer_tensors(m, naming: Naming) -> dict[str, Source]:
-    """Our parameter path (``jax.tree_util.keystr`` of the params state) -> its HF source."""
+    """Our parameter path (``jax.tree_util.keystr`` of the params state) -> its HF source.
+    The blocks of a kind are stacked (``model/transformer.py``): each of their parameters
+    comes from one HF tensor per layer (``Layered``)."""
     out: dict[str, Source] = {
         "['embed'].value": Dense("model.embed_tokens.weight", False),
         "['final_norm']['scale'].value": Dense("model.norm.weight", False),
     }
     if not m.tie_embeddings:
         out["['lm_head'].value"] = Dense("lm_head.weight", True)
-    for i in range(m.num_layers):
-        ours, hf = f"['blocks'][{i}]", f"model.layers.{i}"
-        attn = f"{hf}.self_attn"
-        out.update({
-            f"{ours}['attn_norm']['scale'].value": Dense(f"{hf}.input_layernorm.weight", False),
-            f"{ours}['ffn_norm']['scale'].value": Dense(
-                f"{hf}.post_attention_layernorm.weight", False),
-            **{f"{ours}['attn']['{w}'].value": Dense(f"{attn}.{p}_proj.weight", True)
-               for w, p in (("wq", "q"), ("wk", "k"), ("wv", "v"))},
-            f"{ours}['attn']['wo'].value": Dense(f"{attn}.o_proj.weight", True, 2),
-        })
-        if m.attention_bias:
-            out.update({f"{ours}['attn']['biases'][{j}].value": Dense(f"{attn}.{p}_proj.bias",
-                                                                      False, flat=True)
-                        for j, p in enumerate("qkv")})
-        if m.qk_norm != "none":
-            out.update({f"{ours}['attn']['qk_norm'][{j}]['scale'].value": Dense(
-                f"{attn}.{p}_norm.weight", False) for j, p in enumerate("qk")})
-        if i < m.num_dense_layers:
-            out.update(swiglu(f"{ours}['ffn']", f"{hf}.mlp"))
-            continue
-        moe = f"{hf}.{naming.moe}"
-        experts = lambda w: tuple(f"{moe}.experts.{e}.{w}.weight" for e in range(m.num_experts))
-        gate, up, down = naming.experts
-        out.update({
-            f"{ours}['ffn']['router'].value": Dense(f"{moe}.gate.weight", True),
-            f"{ours}['ffn']['w_gate'].value": Stacked(experts(gate), True),
-            f"{ours}['ffn']['w_up'].value": Stacked(experts(up), True),
-            f"{ours}['ffn']['w_down'].value": Stacked(experts(down), True),
-        })
-        if m.num_shared_experts:
-            out.update(swiglu(f"{ours}['ffn']['shared']", f"{moe}.shared_expert"))
-        if m.shared_expert_gate:
-            out[f"{ours}['ffn']['shared_gate'].value"] = Dense(f"{moe}.shared_expert_gate.weight",
-                                                               True)
+    dense = m.num_dense_layers
+    for name, layers in (("dense_blocks", range(dense)), ("moe_blocks", range(dense, m.num_layers))):
+        per_layer = [block_tensors(m, naming, i, name == "moe_blocks") for i in layers]
+        for path in per_layer[0] if per_layer else ():
+            out[f"['{name}']{path}"] = Layered(tuple(t[path] for t in per_layer))
     return out
 
 

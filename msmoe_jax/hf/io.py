@@ -1,10 +1,12 @@
 """Reading and writing Hugging Face checkpoints, tensor by tensor.
 
 Import streams: every parameter is built with ``jax.make_array_from_callback`` on its final
-sharding, and each device's block is read from the safetensors files on demand. A stacked
-expert tensor ``[E, d, f]`` is read expert by expert and only the rows and columns the device
-holds (``safe_open(...).get_slice``), so no host ever holds a whole layer's experts, let alone
-the model; a plain tensor is read once per process and sliced for its devices.
+sharding, and each device's block is read from the safetensors files on demand, layer by
+layer for the stacked blocks' ``[layers, ...]`` parameters. A stacked expert tensor
+``[E, d, f]`` is read expert by expert and only the rows and columns the device holds
+(``safe_open(...).get_slice``), so no host ever holds a whole layer's experts, let alone the
+model; a plain tensor is read once per process and sliced for its devices (for a stacked
+parameter, all its layers are held until it is built).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
-from msmoe_jax.hf.families import ConversionError, Source, Stacked
+from msmoe_jax.hf.families import ConversionError, Layered, Source, Stacked
 
 
 def _open(path: Path):
@@ -75,6 +77,13 @@ class Reader:
 
 def expected_shape(reader: Reader, source: Source, shape: tuple[int, ...], path: str) -> None:
     """Checks the HF tensor(s) against our parameter's shape before anything is read."""
+    if isinstance(source, Layered):
+        if len(source.layers) != shape[0]:
+            raise ConversionError(f"{path}: {len(source.layers)} layers in the checkpoint, "
+                                  f"{shape[0]} in our model")
+        for layer in source.layers:
+            expected_shape(reader, layer, shape[1:], path)
+        return
     if isinstance(source, Stacked):
         got = reader.shape(source.names[0])
         want = shape[1:][::-1] if source.transpose else shape[1:]
@@ -87,10 +96,17 @@ def expected_shape(reader: Reader, source: Source, shape: tuple[int, ...], path:
         raise ConversionError(f"{names}: shape {got} does not fit our {path} of shape {shape}")
 
 
-def load_param(reader: Reader, source: Source, shape, dtype, sharding) -> jax.Array:
-    """One parameter, built on ``sharding`` from per-device reads."""
+def _blocks(reader: Reader, source: Source, shape, dtype):
+    """``index -> np.ndarray``: the part of our parameter at ``index`` (a tuple of slices),
+    read from the HF tensors. A plain tensor is read once per process and kept until the
+    parameter is built (devices ask for their blocks one after another); experts are read one
+    by one, only the rows and columns asked for."""
+    if isinstance(source, Layered):
+        parts = [_blocks(reader, s, shape[1:], dtype) for s in source.layers]
+        return lambda index: np.stack([parts[i](index[1:])
+                                       for i in range(*index[0].indices(shape[0]))])
     if isinstance(source, Stacked):
-        def block(index):
+        def stacked(index):
             experts, rows, cols = index
             parts = []
             for e in range(*experts.indices(shape[0])):
@@ -100,32 +116,41 @@ def load_param(reader: Reader, source: Source, shape, dtype, sharding) -> jax.Ar
                 else:
                     parts.append(reader.read(name, (rows, cols)))
             return np.stack(parts).astype(dtype)
-        return jax.make_array_from_callback(shape, sharding, block)
+        return stacked
+    whole = []
 
-    whole = {}
-
-    def block(index):  # type: ignore[no-redef]
-        if "x" not in whole:  # one read per process, shared by its devices
+    def dense(index):
+        if not whole:
             x = reader.read(source.name)
-            whole["x"] = (x.T if source.transpose else x).reshape(shape).astype(dtype)
-        return whole["x"][index]
-    out = jax.make_array_from_callback(shape, sharding, block)
-    whole.clear()
-    return out
+            whole.append((x.T if source.transpose else x).reshape(shape).astype(dtype))
+        return whole[0][index]
+    return dense
+
+
+def load_param(reader: Reader, source: Source, shape, dtype, sharding) -> jax.Array:
+    """One parameter, built on ``sharding`` from per-device reads (``_blocks``)."""
+    return jax.make_array_from_callback(shape, sharding, _blocks(reader, source, shape, dtype))
 
 
 def to_hf(tensors: dict[str, Source],
           params_by_path: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our parameters (host arrays by path) -> HF tensors by name."""
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for path, source in tensors.items():
-        x = params_by_path[path]
-        if isinstance(source, Stacked):
-            for e, name in enumerate(source.names):
-                out[name] = np.ascontiguousarray(x[e].T if source.transpose else x[e])
-        elif source.transpose:
-            x = x.reshape(int(np.prod(x.shape[:source.in_dims])), -1)
-            out[source.name] = np.ascontiguousarray(x.T)
-        else:
-            out[source.name] = np.ascontiguousarray(x.reshape(-1) if source.flat else x)
+        _to_hf(source, params_by_path[path], out)
     return out
+
+
+def _to_hf(source: Source, x: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    if isinstance(source, Layered):
+        for layer, s in zip(x, source.layers):
+            _to_hf(s, layer, out)
+        return
+    if isinstance(source, Stacked):
+        for e, name in enumerate(source.names):
+            out[name] = np.ascontiguousarray(x[e].T if source.transpose else x[e])
+    elif source.transpose:
+        x = x.reshape(int(np.prod(x.shape[:source.in_dims])), -1)
+        out[source.name] = np.ascontiguousarray(x.T)
+    else:
+        out[source.name] = np.ascontiguousarray(x.reshape(-1) if source.flat else x)

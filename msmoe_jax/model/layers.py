@@ -22,6 +22,19 @@ def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype,
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
 
 
+def embed(table: jax.Array, tokens: jax.Array, dtype=None) -> jax.Array:
+    """table: [V, d]; tokens: [b, s] int -> [b, s, d] (in ``dtype``, default the table's)."""
+    return jnp.take(table, tokens, axis=0).astype(dtype or table.dtype)
+
+
+def head_nll(x: jax.Array, w: jax.Array, targets: jax.Array, dtype) -> jax.Array:
+    """x: [b, s, d]; w: [d, V] (the LM head); targets: [b, s] int -> -log p(targets) [b, s]
+    float32, from float32 logits."""
+    logits = jnp.einsum("bsd,dv->bsv", x, w.astype(dtype), preferred_element_type=jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
 def dtypes(cfg: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
     """(compute dtype, parameter dtype)."""
     return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from msmoe_jax.model.layers import causal_attention
+from msmoe_jax.model.layers import causal_attention, embed, head_nll
 from msmoe_jax.model.moe import ExpertsFn, local_experts
 
 
@@ -23,6 +23,10 @@ def identity(x):
 
 def apply(fn, x):
     return fn(x)
+
+
+def no_gather(name, params):
+    return params
 
 
 def project_in(x, positions, project):
@@ -46,7 +50,20 @@ class LayerOps(NamedTuple):
     experts: ExpertsFn = local_experts("padded")
     # jax.checkpoint policy applied to each block (model/remat.py), None: no rematerialisation.
     remat_policy: Callable | None = None
+    # (table [V, d], tokens [b, s], dtype) -> [b, s, d]: the token embedding.
+    embed: Callable = embed
+    # (x [b, s, d], head [d, V], targets [b, s], dtype) -> -log p(targets) [b, s] float32: the
+    # LM head and the cross-entropy together (split over the vocabulary when it is sharded).
+    head_nll: Callable = head_nll
+    # (name, a layer's parameters) -> the parameters it computes with; ZeRO-3 all-gathers
+    # them here, one layer at a time (``name``: the stacked blocks' path, e.g. "['moe_blocks']").
+    gather: Callable = no_gather
+    # Run the stacked blocks under jax.lax.scan (one block of each kind in the program) or in
+    # a Python loop (one copy per layer).
+    scan_layers: bool = True
 
 
 def reference_ops(expert_compute: str = "auto") -> LayerOps:
-    return LayerOps(experts=local_experts(expert_compute))
+    """The single-device reference; its layers run in a Python loop, so the parallel paths
+    (scanned by default) are checked against the unrolled model too."""
+    return LayerOps(experts=local_experts(expert_compute), scan_layers=False)

@@ -1,4 +1,11 @@
-"""Decoder-only MoE transformer (Flax NNX)."""
+"""Decoder-only MoE transformer (Flax NNX).
+
+The blocks of each kind (the leading dense-FFN blocks, then the MoE blocks) are one stacked
+``Block`` whose parameters carry a leading ``layers`` axis, and run under ``jax.lax.scan``:
+the compiled program holds one block of each kind, so compile time does not grow with depth.
+``LayerOps.scan_layers=False`` runs the same parameters in a Python loop (one copy per layer
+in the program), for comparing schedules.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,9 @@ from msmoe_jax.config import ModelConfig
 from msmoe_jax.model.layers import Attention, RMSNorm, SwiGLU, dtypes, normal_param
 from msmoe_jax.model.moe import MoE
 from msmoe_jax.model.ops import LayerOps
+
+LAYERS = "layers"  # the logical axis of stacked blocks (never sharded)
+STACKED = ("dense_blocks", "moe_blocks")  # the attributes holding stacked blocks
 
 
 class Block(nnx.Module):
@@ -35,37 +45,84 @@ class Block(nnx.Module):
             return x + self.ffn(h, ops), None
 
 
+def stacked_blocks(cfg: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> Block | None:
+    """``count`` blocks as one ``Block`` whose parameters have a leading ``layers`` axis, each
+    layer initialised from its own key; None when ``count`` is 0. The blocks are built under
+    ``jax.vmap``, so initialisation is traced once whatever the depth."""
+    if not count:
+        return None
+    keys = jax.random.split(rngs.params(), count)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, moe, nnx.Rngs(params=0))))
+    states = jax.vmap(lambda k: nnx.state(Block(cfg, moe, nnx.Rngs(params=k))))(keys)
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    stacked = jax.tree.map(lambda v: v.replace(axes=(LAYERS, *v.axes)), states, is_leaf=is_var)
+    return nnx.merge(graphdef, stacked)
+
+
+def run_blocks(name: str, blocks: Block | None, x, positions, ops: LayerOps):
+    """x through the stacked ``blocks`` (the model's attribute ``name``) in order -> (x, router
+    stats stacked over the blocks, or None for dense blocks). Each layer's parameters pass
+    through ``ops.gather`` (ZeRO-3 all-gathers them there) inside the remat boundary."""
+    if blocks is None:
+        return x, None
+    graphdef, state = nnx.split(blocks)
+
+    def one(x, layer):
+        return nnx.merge(graphdef, ops.gather(f"['{name}']", layer))(x, positions, ops)
+
+    if ops.remat_policy is not None:
+        one = jax.checkpoint(one, policy=ops.remat_policy)
+    if ops.scan_layers:
+        return jax.lax.scan(one, x, state)
+    count = jax.tree.leaves(state)[0].shape[0]
+    outs = []
+    for i in range(count):
+        x, stats = one(x, jax.tree.map(lambda a, i=i: a[i], state))
+        outs.append(stats)
+    stats = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return x, stats
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.dtype, pdt = dtypes(cfg)
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, pdt,
                                   ("vocab", "embed"))
-        self.blocks = nnx.List(
-            [Block(cfg, moe=i >= cfg.num_dense_layers, rngs=rngs) for i in range(cfg.num_layers)])
+        dense = cfg.num_dense_layers
+        self.dense_blocks = stacked_blocks(cfg, False, dense, rngs)
+        self.moe_blocks = stacked_blocks(cfg, True, cfg.num_layers - dense, rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         self.lm_head = (None if cfg.tie_embeddings else
                         normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt,
                                      ("embed", "vocab")))
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, ops: LayerOps = LayerOps()):
+    def hidden(self, tokens: jax.Array, positions: jax.Array, ops: LayerOps):
+        """tokens [b, s] -> (final-norm hidden states [b, s, d], router stats as ``__call__``)."""
+        x = ops.embed(self.embed[...], tokens, self.dtype)
+        x, _ = run_blocks("dense_blocks", self.dense_blocks, x, positions, ops)
+        x, stats = run_blocks("moe_blocks", self.moe_blocks, x, positions, ops)
+        return self.final_norm(x), stats
+
+    def head(self) -> jax.Array:
+        """The LM head [d, V]: the embedding's transpose when tied."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array,
+                 ops: LayerOps = LayerOps()):
         """tokens: [b, s] int; positions: [s] global positions of these tokens.
 
-        Returns (logits [b, s, vocab] float32, RouterStats stacked over MoE layers with a
+        Returns (logits [b, s, V] float32, router stats: a RouterStats whose fields have a
         leading [num_moe_layers] axis, or None when there are no MoE layers).
         """
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-        all_stats = []
-        run = lambda block, x: block(x, positions, ops)
-        if ops.remat_policy is not None:
-            run = nnx.remat(run, policy=ops.remat_policy)
-        for block in self.blocks:
-            x, stats = run(block, x)
-            if stats is not None:
-                all_stats.append(stats)
-        x = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        x, stats = self.hidden(tokens, positions, ops)
         with jax.named_scope("lm_head"):
-            logits = jnp.einsum("bsd,dv->bsv", x, head.astype(self.dtype),
+            logits = jnp.einsum("bsd,dv->bsv", x, self.head().astype(self.dtype),
                                 preferred_element_type=jnp.float32)
-        stats = jax.tree.map(lambda *a: jnp.stack(a), *all_stats) if all_stats else None
         return logits, stats
+
+    def nll(self, tokens: jax.Array, targets: jax.Array, positions: jax.Array, ops: LayerOps):
+        """-log p(targets) [b, s] float32 and the router stats, through ``ops.head_nll`` (which
+        never holds [tokens, V] logits when the vocabulary is split over devices)."""
+        x, stats = self.hidden(tokens, positions, ops)
+        with jax.named_scope("lm_head"):
+            return ops.head_nll(x, self.head(), targets, self.dtype), stats

@@ -33,6 +33,8 @@ REPLICATED = P()
 #   heads / kv_heads: attention heads, over the attention group when parallel.attention=tensor
 #   mlp: width of dense FFNs and shared experts, over ``tensor``
 #   experts / expert_mlp: routed experts and their width, over ``expert`` / ``expert_tensor``
+#   vocab: the embedding's rows and the LM head's columns, over the attention group when
+#     the vocabulary is sharded (parallel.vocab)
 
 
 def _fill(sizes: dict[str, int], view: tuple[str, ...], n: int) -> dict[str, int]:
@@ -82,6 +84,7 @@ class Layout:
     attention: str
     dispatch: str  # resolved: "all_to_all" or "all_gather"
     num_kv_heads: int
+    vocab_sharded: bool
 
     @classmethod
     def from_config(cls, cfg: Config, device_count: int) -> Layout:
@@ -176,8 +179,19 @@ class Layout:
                     need(getattr(z, name) == "none", f"compression.{name}",
                          "'fp8' with the all_gather dispatch needs parallel.collective_matmul "
                          "'off' (its ring sends the compute dtype)")
+        vocab = p.vocab
+        if vocab == "auto":
+            # 12 bytes an entry: FP32 parameter and both Adam moments, per table (one when tied).
+            tables = (1 if m.tie_embeddings else 2) * m.vocab_size * m.d_model * 12
+            vocab = ("sharded" if seq_split > 1 and m.vocab_size % seq_split == 0
+                     and tables >= 2**30 else "replicated")
+        if vocab == "sharded":
+            need(m.vocab_size % seq_split == 0, "model.vocab_size",
+                 f"must be divisible by parallel.sequence x parallel.tensor = {seq_split} for "
+                 f"parallel.vocab 'sharded', got {m.vocab_size} (or set parallel.vocab to "
+                 "'replicated' or 'auto')")
         return cls(sizes, tuple(mesh_axes), {a: tuple(v) for a, v in axes.items()},
-                   p.attention, dispatch, kv)
+                   p.attention, dispatch, kv, vocab == "sharded")
 
     # -- groups of mesh axes ------------------------------------------------------------------
     @property
@@ -216,13 +230,14 @@ class Layout:
             "mlp": self.axes["tensor"],
             "experts": self.axes["expert"],
             "expert_mlp": self.axes["expert_tensor"],
+            "vocab": self.seq_axes if self.vocab_sharded else (),
         }
         return P(*(_entry(rules.get(name, ()) if name else ()) for name in logical))
 
     def describe(self) -> str:
         views = [_product(self.sizes, ATTENTION_VIEW) + f" ({self.attention} attention)",
                  _product(self.sizes, EXPERT_VIEW) + f" ({self.dispatch} dispatch)"]
-        return "; ".join(views)
+        return "; ".join(views) + ("; sharded vocabulary" if self.vocab_sharded else "")
 
 
 def _entry(axes: tuple[str, ...]):

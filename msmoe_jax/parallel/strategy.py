@@ -26,6 +26,7 @@ from msmoe_jax.config import Config
 from msmoe_jax.kernels.experts import kernel_experts, pallas_dot, tiles_of
 from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.model.remat import remat_policy
+from msmoe_jax.model.transformer import STACKED
 from msmoe_jax.objective import COUNTS, loss_terms
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel import fp8
@@ -52,6 +53,7 @@ from msmoe_jax.parallel.grad_exchange import (
     vary_replicas,
 )
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, is_gpu
+from msmoe_jax.parallel.vocab import parallel_embed, parallel_head_nll
 
 
 def make_ops(cfg: Config, layout: Layout, choices: Choices) -> LayerOps:
@@ -94,12 +96,15 @@ def make_ops(cfg: Config, layout: Layout, choices: Choices) -> LayerOps:
     else:
         experts = experts_padded_all_to_all(group, wires, chunks, bf)
     n_tensor = size["tensor"]
-    return LayerOps(**attention,
+    vocab = (dict(embed=parallel_embed(seq, n_seq), head_nll=parallel_head_nll(seq, n_seq))
+             if layout.vocab_sharded else {})
+    return LayerOps(**attention, **vocab,
                     ffn_in=scoped(gather_then(tensor, n_tensor, ring, wires.tensor),
                                   "tensor_ffn"),
                     ffn_out=scoped(then_scatter(tensor, n_tensor, ring, wires.tensor),
                                    "tensor_ffn"),
-                    experts=experts, remat_policy=remat_policy(cfg.train.remat))
+                    experts=experts, remat_policy=remat_policy(cfg.train.remat),
+                    scan_layers=cfg.train.scan_layers)
 
 
 def head_chunks(chunks: int, n: int, heads: int, kv: int) -> int:
@@ -133,15 +138,20 @@ def state_specs(state, optimizer: optax.GradientTransformation, layout: Layout,
 
 
 def zero_specs(params, specs, layout: Layout):
-    """``zero_spec`` of every parameter: the layout of its sharded optimizer state."""
+    """``zero_spec`` of every parameter: the layout of its sharded optimizer state. The
+    stacked blocks' ``layers`` dimension (their first) is never split, so that a layer's
+    slice is split like a lone layer's parameter."""
     sizes = dict(layout.mesh_axes)
-    return jax.tree.map(lambda p, s: zero_spec(s, p.shape, sizes), params, specs)
+    stacked = lambda path: any(getattr(k, "key", None) in STACKED for k in path)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p, s: zero_spec(s, p.shape, sizes, int(stacked(path))), params, specs)
 
 
-def zero_spec(spec: P, shape: tuple[int, ...], sizes: dict[str, int]) -> P:
+def zero_spec(spec: P, shape: tuple[int, ...], sizes: dict[str, int], fixed: int = 0) -> P:
     """``spec`` also split over its replica axes (the mesh axes it does not use), on the
-    largest dimension they divide (appended to that dimension's own axes); unchanged when
-    no dimension divides (small leaves stay replicated)."""
+    largest dimension they divide (appended to that dimension's own axes), leaving the first
+    ``fixed`` dimensions alone; unchanged when no dimension divides (small leaves stay
+    replicated)."""
     replicas = tuple(a for a in replica_axes(spec, tuple(sizes)) if sizes[a] > 1)
     if not replicas:
         return spec
@@ -149,7 +159,7 @@ def zero_spec(spec: P, shape: tuple[int, ...], sizes: dict[str, int]) -> P:
     own = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
     split = lambda e: math.prod(sizes[a] for a in own(e))
     n = math.prod(sizes[a] for a in replicas)
-    fits = [d for d in range(len(shape)) if shape[d] % (split(entries[d]) * n) == 0]
+    fits = [d for d in range(fixed, len(shape)) if shape[d] % (split(entries[d]) * n) == 0]
     if not fits:
         return spec
     d = max(fits, key=lambda d: shape[d] // split(entries[d]))
