@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from msmoe_jax.parallel.collectives import total
 from msmoe_jax.model.layers import embed, head_nll
+from msmoe_jax.parallel.collectives import total
 from msmoe_jax.parallel.vocab import parallel_embed, parallel_head_nll
 
 V, D, B, S = 64, 16, 2, 8

@@ -216,16 +216,16 @@ MIXTRAL = Naming("block_sparse_moe", ("w1", "w3", "w2"))
 QWEN = Naming("mlp", ("gate_proj", "up_proj", "down_proj"))
 
 
-def swiglu(ours: str, hf: str, names=("gate_proj", "up_proj", "down_proj")) -> dict[str, Source]:
+def swiglu(ours: str, hf: str, names=("gate_proj", "up_proj", "down_proj")) -> dict[str, Dense]:
     return {f"{ours}['{w}'].value": Dense(f"{hf}.{n}.weight", True)
             for w, n in zip(("w_gate", "w_up", "w_down"), names)}
 
 
-def block_tensors(m, naming: Naming, i: int, moe: bool) -> dict[str, Source]:
+def block_tensors(m, naming: Naming, i: int, moe: bool) -> dict[str, Dense | Stacked]:
     """Layer ``i``'s tensors: our path inside a block (``['attn']['wq'].value``) -> source."""
     hf = f"model.layers.{i}"
     attn = f"{hf}.self_attn"
-    out: dict[str, Source] = {
+    out: dict[str, Dense | Stacked] = {
         "['attn_norm']['scale'].value": Dense(f"{hf}.input_layernorm.weight", False),
         "['ffn_norm']['scale'].value": Dense(f"{hf}.post_attention_layernorm.weight", False),
         **{f"['attn']['{w}'].value": Dense(f"{attn}.{p}_proj.weight", True)
@@ -269,7 +269,8 @@ def layer_tensors(m, naming: Naming) -> dict[str, Source]:
     if not m.tie_embeddings:
         out["['lm_head'].value"] = Dense("lm_head.weight", True)
     dense = m.num_dense_layers
-    for name, layers in (("dense_blocks", range(dense)), ("moe_blocks", range(dense, m.num_layers))):
+    kinds = (("dense_blocks", range(dense)), ("moe_blocks", range(dense, m.num_layers)))
+    for name, layers in kinds:
         per_layer = [block_tensors(m, naming, i, name == "moe_blocks") for i in layers]
         for path in per_layer[0] if per_layer else ():
             out[f"['{name}']{path}"] = Layered(tuple(t[path] for t in per_layer))

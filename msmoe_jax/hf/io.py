@@ -117,7 +117,7 @@ def _blocks(reader: Reader, source: Source, shape, dtype):
                     parts.append(reader.read(name, (rows, cols)))
             return np.stack(parts).astype(dtype)
         return stacked
-    whole = []
+    whole: list[np.ndarray] = []
 
     def dense(index):
         if not whole:
