@@ -5,7 +5,8 @@
                                       [--targets cpu h100] [--unrolled-up-to 16]
 
 Each entry is one ``lower`` + ``compile`` of the whole step (forward, backward, optimizer)
-with abstract inputs, in a process without a compilation cache. The H100 column needs
+with abstract inputs, in a process without a compilation cache, after one untimed warm-up
+compile per target (so that JAX's and the plugin's start-up are not counted in the first row). The H100 column needs
 ``pip install -e .[h100-compile]``. Unrolled programs grow with depth, so they are compiled
 only up to ``--unrolled-up-to`` layers. Minutes on 2 CPU cores.
 """
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
                        ["parallel.devices=null", *args.overrides])
     timers = {"cpu": cpu_seconds, "h100": h100_seconds}
     columns = [(t, scan) for t in args.targets for scan in (True, False)]
+    for target in args.targets:  # warm-up, untimed
+        timers[target](with_layers(base, 1))
     rows = []
     for layers in args.layers:
         row = [str(layers)]

@@ -22,13 +22,20 @@ sys.path.insert(0, str(ROOT))
 
 from msmoe_jax.h100 import platforms_for_compiling  # noqa: E402
 
+FORMER_352B = ["parallel.zero=0", "parallel.attention=tensor", "parallel.sequence=1",
+               "parallel.tensor=8"]
 # Layouts the shipped configs used before, kept as comparisons rather than as configs.
 FORMER = {
     # Experts across nodes x expert_tensor 8 in the node, replicated optimizer state (before
     # ZeRO-1 let the experts move inside the node).
     "mixtral_8x7b_64xh100.yaml": ["parallel.zero=0", "parallel.expert_data=1",
                                   "parallel.expert_tensor=8", "train.grad_accum_steps=16"],
+    # Tensor-parallel attention over the node with replicated optimizer state (before ZeRO
+    # let Ulysses attention's replicated attention state fit).
+    "megascale_352b_512xh100.yaml": FORMER_352B,
 }
+# What every config was before issue [4/5]: the vocabulary replicated, the layers unrolled.
+BEFORE = ["parallel.vocab=replicated", "train.scan_layers=false"]
 
 
 def main(argv=None) -> int:
@@ -38,6 +45,8 @@ def main(argv=None) -> int:
                    default=sorted(x.name for x in (ROOT / "configs").glob("*.yaml")))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, help="also write the tables to this file")
+    p.add_argument("--before", action="store_true",
+                   help="also compile each config as it was before issue [4/5] (BEFORE)")
     args = p.parse_args(argv)
 
     from msmoe_jax import h100
@@ -53,6 +62,8 @@ def main(argv=None) -> int:
         entries.append((file, file, []))
         if file in FORMER:
             entries.append((f"{file} (former layout)", file, FORMER[file]))
+        if args.before:
+            entries.append((f"{file} (before [4/5])", file, [*FORMER.get(file, []), *BEFORE]))
     for name, file, former in entries:
         cfg = load_config(ROOT / "configs" / file, [*former, *args.overrides])
         n = cfg.parallel.devices or 8

@@ -131,7 +131,11 @@ class ParallelConfig:
     # its own layout does not split it over): the gradients are reduce-scattered into those
     # parts, each device updates only its part, and the update is all-gathered into the
     # (replicated) parameters. Same traffic as 0, a fraction of the optimizer memory.
-    zero: Literal[0, 1] = 0
+    # 3 also holds the parameters in those parts and all-gathers each where it is used (the
+    # blocks' one layer at a time, in the compute dtype for matrices, again for the
+    # backward); the gathers' backward reduce-scatters the gradients. Its gathers are paid
+    # per micro-batch (parallel/zero.py).
+    zero: Literal[0, 1, 3] = 0
     # The embedding and the LM head: "sharded" splits the vocabulary over the attention group
     # (parallel.sequence x parallel.tensor devices), with a fused cross-entropy that combines
     # the softmax statistics over the group and never holds [tokens, vocab] logits

@@ -12,7 +12,8 @@ CUDA and is not registered).
 Devices are laid out as hosts x 8 (``gpus_per_host``), numbered host-major, so the mesh's
 last axes are the ones inside a node, as ``jax.make_mesh`` orders real GPUs.
 
-Configs too large to compile here are compiled with fewer layers (``layers``) and extrapolated
+Configs are compiled at their full depth when their layers run under ``jax.lax.scan`` (the
+default). Deep unrolled ones are compiled with fewer layers (``layers``) and extrapolated
 linearly per layer (``extrapolate``): memory and the per-layer HLO are affine in the layer count
 because every block is the same program; ``docs/performance.md`` states the check.
 """
@@ -112,11 +113,14 @@ class Compiled(NamedTuple):
 
 
 def depths(cfg: Config, max_layers: int = 8) -> tuple[int, ...]:
-    """The depths to compile ``cfg`` at: its own when at most ``max_layers``, else two small
+    """The depths to compile ``cfg`` at: its own when its layers run under ``jax.lax.scan``
+    (compile time does not grow with depth) or number at most ``max_layers``; else two small
     ones with the same dense leading layers (d + 2 and d + 4 blocks), whose difference is two
     MoE blocks: extrapolating from them (``extrapolate``) adds MoE blocks only."""
     depth, dense = cfg.model.num_layers, cfg.model.num_dense_layers
-    return (depth,) if depth <= max(max_layers, dense + 4) else (dense + 2, dense + 4)
+    if cfg.train.scan_layers or depth <= max(max_layers, dense + 4):
+        return (depth,)
+    return (dense + 2, dense + 4)
 
 
 def with_layers(cfg: Config, layers: int) -> Config:

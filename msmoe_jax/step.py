@@ -24,7 +24,7 @@ def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, layout: Layout
     ``metrics["finite"]`` says whether the loss and the gradient norm were finite. When they
     were not, the step is not applied: the state comes back unchanged (its ``step`` too). The
     select fuses into the optimizer's elementwise update, so the guard costs no extra pass."""
-    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout, specs["params"])
+    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout)
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
 
     def step(state, tokens):

@@ -90,7 +90,7 @@ def run_with_reference(parallel: dict, model: dict, train: dict | None = None,
     b, s = cfg.train.batch_size, cfg.train.seq_len
     tokens = jax.random.randint(jax.random.key(1), (b, s + 1), 0, cfg.model.vocab_size)
 
-    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout, specs["params"])
+    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout)
     args = state["params"], jax.device_put(tokens, sharding(mesh, layout.batch))
     compiled = jax.jit(grad_fn).lower(*args).compile()
     metrics, grads = compiled(*args)

@@ -115,7 +115,7 @@ def lower_grad_step(cfg, platforms=None):
     layout = Layout.from_config(cfg, 8)
     mesh = make_mesh(layout)
     graphdef, _, state, specs = init_state(cfg, mesh, layout, abstract=True)
-    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout, specs["params"])
+    grad_fn = make_grad_fn(cfg, graphdef, mesh, layout)
     tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
                                   sharding=sharding(mesh, layout.batch))
     traced = jax.jit(grad_fn).trace(state["params"], tokens)

@@ -93,12 +93,30 @@ def scattered_dim(spec: P, zero: P) -> int | None:
     return None
 
 
+def scatter_sum(g: jax.Array, d: int, axes: C.Axes, sizes: dict[str, int],
+                mode: str) -> jax.Array:
+    """The sum of ``g`` over ``axes``, of which this device keeps its part of dimension ``d``
+    (split over the axes of size > 1, in mesh order): a reduce-scatter, FP32 (``psum_scatter``)
+    or, for ``bf16_a2a``, BF16 pieces all_to_all'd and summed in FP32 (no all_gather after)."""
+    trivial = tuple(a for a in axes if sizes[a] == 1)
+    split = tuple(a for a in axes if sizes[a] > 1)
+    if trivial:  # types the result as replicated over the size-1 axes (moves nothing)
+        g = jax.lax.psum(g, trivial)
+    if mode == "fp32":
+        return jax.lax.psum_scatter(g, split, scatter_dimension=d, tiled=True)
+    n = math.prod(sizes[a] for a in split)
+    moved = jnp.moveaxis(g, d, 0)
+    pieces = moved.reshape(n, moved.shape[0] // n, *moved.shape[1:])
+    received = C.exchange(pieces.astype(jnp.bfloat16), split)  # piece j of each
+    shard = jnp.sum(received.astype(jnp.float32), axis=0)
+    return jnp.moveaxis(shard, 0, d).astype(g.dtype)
+
+
 def scatter_gradients(grads, specs, zero_specs, mesh_axes: tuple[str, ...],
                       sizes: dict[str, int], mode: str):
     """ZeRO: each leaf summed over its replica axes into the replica's own part (the layout of
-    ``zero_specs``) instead of everywhere: a reduce-scatter, FP32 (``psum_scatter``) or, for
-    ``bf16_a2a``, BF16 pieces all_to_all'd and summed in FP32 (no all_gather after). Leaves
-    whose ``zero_spec`` adds nothing are summed as ``exchange_gradients`` does."""
+    ``zero_specs``) instead of everywhere (``scatter_sum``). Leaves whose ``zero_spec`` adds
+    nothing are summed as ``exchange_gradients`` does."""
     leaves, treedef = jax.tree.flatten(grads)
     spec_leaves = treedef.flatten_up_to(specs)  # type: ignore[attr-defined]
     zero_leaves = treedef.flatten_up_to(zero_specs)  # type: ignore[attr-defined]
@@ -110,20 +128,7 @@ def scatter_gradients(grads, specs, zero_specs, mesh_axes: tuple[str, ...],
             if d is None:
                 whole.append(i)
                 continue
-            axes = replica_axes(spec, mesh_axes)
-            trivial = tuple(a for a in axes if sizes[a] == 1)
-            split = tuple(a for a in axes if sizes[a] > 1)
-            if trivial:  # types the leaf as replicated over the size-1 axes (moves nothing)
-                g = jax.lax.psum(g, trivial)
-            if mode == "fp32":
-                out[i] = jax.lax.psum_scatter(g, split, scatter_dimension=d, tiled=True)
-                continue
-            n = math.prod(sizes[a] for a in split)
-            moved = jnp.moveaxis(g, d, 0)
-            pieces = moved.reshape(n, moved.shape[0] // n, *moved.shape[1:])
-            received = C.exchange(pieces.astype(jnp.bfloat16), split)  # piece j of each
-            shard = jnp.sum(received.astype(jnp.float32), axis=0)
-            out[i] = jnp.moveaxis(shard, 0, d).astype(g.dtype)
+            out[i] = scatter_sum(g, d, replica_axes(spec, mesh_axes), sizes, mode)
     if whole:
         rest = exchange_gradients([leaves[i] for i in whole], [spec_leaves[i] for i in whole],
                                   mesh_axes, sizes, mode)

@@ -54,6 +54,7 @@ from msmoe_jax.parallel.grad_exchange import (
 )
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, is_gpu
 from msmoe_jax.parallel.vocab import parallel_embed, parallel_head_nll
+from msmoe_jax.parallel.zero import GATHERED, gatherer, splits
 
 
 def make_ops(cfg: Config, layout: Layout, choices: Choices) -> LayerOps:
@@ -103,8 +104,17 @@ def make_ops(cfg: Config, layout: Layout, choices: Choices) -> LayerOps:
                                   "tensor_ffn"),
                     ffn_out=scoped(then_scatter(tensor, n_tensor, ring, wires.tensor),
                                    "tensor_ffn"),
-                    experts=experts, remat_policy=remat_policy(cfg.train.remat),
+                    experts=experts, remat_policy=block_policy(cfg),
                     scan_layers=cfg.train.scan_layers)
+
+
+def block_policy(cfg: Config):
+    """The remat policy of each block: ``train.remat``'s; with ZeRO-3 and no remat, one that
+    saves everything but the gathered parameters (gathered again for the backward)."""
+    policy = remat_policy(cfg.train.remat)
+    if policy is None and cfg.parallel.zero == 3:
+        policy = jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
+    return policy
 
 
 def head_chunks(chunks: int, n: int, heads: int, kv: int) -> int:
@@ -129,9 +139,12 @@ def state_specs(state, optimizer: optax.GradientTransformation, layout: Layout,
                 zero: int = 0):
     """PartitionSpecs for the train state {step, params, opt_state}: optimizer moments follow
     their parameters (``zero=0``) or are also split over the parameters' replica devices
-    (``zero=1``, ``zero_spec``); counters are replicated."""
+    (``zero=1``, ``zero_spec``), and so are the parameters themselves with ``zero=3``;
+    counters are replicated."""
     specs = param_specs(state["params"], layout)
     moments = zero_specs(state["params"], specs, layout) if zero else specs
+    if zero == 3:
+        specs = moments
     opt = optax.tree_map_params(optimizer, lambda _, spec: spec, state["opt_state"], moments,
                                 transform_non_params=lambda _: REPLICATED)
     return {"step": REPLICATED, "params": specs, "opt_state": opt}
@@ -167,34 +180,38 @@ def zero_spec(spec: P, shape: tuple[int, ...], sizes: dict[str, int], fixed: int
     return P(*entries)
 
 
-def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout, specs):
+def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout):
     """Returns ``grad_fn(params, tokens) -> (metrics, grads)``, to be called under ``jit``.
-    With ``parallel.zero`` the gradients come reduce-scattered, laid out like the sharded
-    optimizer state (``zero_specs``).
 
-    params: laid out by ``specs`` (``param_specs``); tokens: [batch, seq_len + 1]. Everything
-    runs per device under one ``shard_map``: each device differentiates the loss w.r.t. its
-    own copy of the parameters (its contribution through its tokens), accumulates that over
-    the ``train.grad_accum_steps`` micro-batches in FP32, and the contributions are summed
-    over each parameter's replicas once (``grad_exchange``, as ``compression.gradients``
-    says). grads: the gradient of the mean micro-batch loss, laid out like params; metrics:
-    scalars averaged over the micro-batches (``loss`` among them) and the per-layer counts
-    of ``objective.COUNTS`` summed over them.
+    params: laid out as ``state_specs`` says for ``parallel.zero``; tokens: [batch, seq_len + 1].
+    Everything runs per device under one ``shard_map``: each device differentiates the loss
+    w.r.t. its own copy of the parameters (its contribution through its tokens), accumulates
+    that over the ``train.grad_accum_steps`` micro-batches in FP32, and the contributions are
+    summed over each parameter's replicas (``grad_exchange``, as ``compression.gradients``
+    says): all-reduced (``zero=0``), reduce-scattered into each replica's part once per step
+    (``zero=1``), or by the parameter all-gathers' backward in each micro-batch (``zero=3``,
+    ``parallel/zero.py``). grads: the gradient of the mean micro-batch loss, laid out like the
+    optimizer state (``zero_specs`` with ZeRO); metrics: scalars averaged over the
+    micro-batches (``loss`` among them) and the per-layer counts of ``objective.COUNTS``
+    summed over them.
     """
     choices = resolve(cfg, layout, is_gpu(mesh))
-    ops = make_ops(cfg, layout, choices)
+    base_ops = make_ops(cfg, layout, choices)
+    stage, mode = cfg.parallel.zero, cfg.compression.gradients
     steps = cfg.train.grad_accum_steps
     sizes = dict(layout.mesh_axes)
     # Sums over the batch whose backward hands each device the gradient of the sum.
     reduce = lambda tree: C.total(tree, layout.all_axes)
 
-    def micro_batch(params, inputs, targets, positions):
-        return loss_terms(graphdef, params, inputs, targets, positions, cfg.model, ops, reduce)
+    def per_device(params, inputs, targets, positions, specs, zero, ops):
+        def micro_batch(params, inputs, targets, positions):
+            params = ops.gather("", params)  # ZeRO-3: the model's own (unstacked) parameters
+            return loss_terms(graphdef, params, inputs, targets, positions, cfg.model, ops,
+                              reduce)
 
-    grad = jax.value_and_grad(micro_batch, has_aux=True)
-
-    def per_device(params, inputs, targets, positions, zero=None):
-        local = vary_replicas(params, specs, layout.all_axes)
+        grad = jax.value_and_grad(micro_batch, has_aux=True)
+        held = zero if stage == 3 else specs
+        local = vary_replicas(params, held, layout.all_axes)
         if steps == 1:
             (_, metrics), grads = grad(local, inputs, targets, positions)
         else:
@@ -211,12 +228,10 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
                        for k, m in metrics.items()}
         # The exchange starts from FP32 whatever the parameters' dtype.
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-        if zero is None:
-            grads = exchange_gradients(grads, specs, layout.all_axes, sizes,
-                                       cfg.compression.gradients)
-        else:
-            grads = scatter_gradients(grads, specs, zero, layout.all_axes, sizes,
-                                      cfg.compression.gradients)
+        if stage == 1:
+            grads = scatter_gradients(grads, specs, zero, layout.all_axes, sizes, mode)
+        else:  # with ZeRO-3 only the leaves held whole are left to sum
+            grads = exchange_gradients(grads, held, layout.all_axes, sizes, mode)
         return metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, local)
 
     # Two cases run without shard_map's varying-axes check: the Pallas interpreter (the
@@ -225,15 +240,20 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
     # is the same on every replica but typed varying (jax 0.10 has no invariant all_gather).
     # The tests compare both paths' gradients with the single-device reference.
     interpreted = choices.pallas and choices.interpret
-    check = not interpreted and cfg.compression.gradients == "fp32"
+    check = not interpreted and mode == "fp32"
 
     def grad_fn(params, tokens):
-        # With parallel.zero the gradients leave laid out like the sharded optimizer state.
-        zero = zero_specs(params, specs, layout) if cfg.parallel.zero else None
+        specs = param_specs(params, layout)
+        zero = zero_specs(params, specs, layout) if stage else specs
+        ops = base_ops
+        if stage == 3:
+            parts = splits(params, specs, zero, layout.all_axes, sizes, cfg.model.dtype)
+            ops = ops._replace(gather=gatherer(parts, sizes, mode))
         sharded = jax.shard_map(
-            functools.partial(per_device, zero=zero), mesh=mesh,
-            in_specs=(specs, layout.tokens, layout.tokens, layout.positions),
-            out_specs=(REPLICATED, specs if zero is None else zero), check_vma=check)
+            functools.partial(per_device, specs=specs, zero=zero, ops=ops), mesh=mesh,
+            in_specs=(zero if stage == 3 else specs, layout.tokens, layout.tokens,
+                      layout.positions),
+            out_specs=(REPLICATED, zero), check_vma=check)
         positions = jnp.arange(tokens.shape[1] - 1)
         return sharded(params, tokens[:, :-1], tokens[:, 1:], positions)
 
