@@ -48,8 +48,8 @@ def splits(params, specs, zero, mesh_axes: tuple[str, ...], sizes: dict[str, int
     FP32, in their own dtype."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     out = {}
-    for (path, p), spec, z in zip(flat, treedef.flatten_up_to(specs),
-                                  treedef.flatten_up_to(zero)):
+    up_to = treedef.flatten_up_to  # type: ignore[attr-defined]
+    for (path, p), spec, z in zip(flat, up_to(specs), up_to(zero)):
         d = scattered_dim(spec, z)
         if d is None:
             continue
