@@ -7,8 +7,8 @@
 Each entry is one ``lower`` + ``compile`` of the whole step (forward, backward, optimizer)
 with abstract inputs, in a process without a compilation cache, after one untimed warm-up
 compile per target (so that JAX's and the plugin's start-up are not counted in the first
-row). The H100 column needs ``pip install -e .[h100-compile]``. Unrolled programs grow with depth, so they are compiled
-only up to ``--unrolled-up-to`` layers. Minutes on 2 CPU cores.
+row). The H100 column needs ``pip install -e .[h100-compile]``. Unrolled programs grow with
+depth, so they are compiled only up to ``--unrolled-up-to`` layers. Minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
