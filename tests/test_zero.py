@@ -84,8 +84,10 @@ def test_zero_steps_equal_the_unsharded_optimizer(name):
     for z in (1, 3):
         loss, state = runs[z]
         # BF16 exchange: zero 0 all_gathers the summed gradient in BF16, zero 1 and 3 keep
-        # their FP32 sums, so they differ by BF16 rounding of the gradient (2^-8 relative).
-        np.testing.assert_allclose(loss, loss0, rtol=1e-4 if bf16 else 1e-6, err_msg=f"zero {z}")
+        # their FP32 sums, so they differ by BF16 rounding of the gradient (2^-8 relative);
+        # zero 3 rounds each micro-batch's contribution, not the step's.
+        np.testing.assert_allclose(loss, loss0, rtol=(1e-4 if z == 1 else 5e-4) if bf16 else 1e-6,
+                                   err_msg=f"zero {z}")
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(state0)]
         for path, a, b in zip(paths, jax.tree.leaves(state0), jax.tree.leaves(state)):
             a, b = np.asarray(a), np.asarray(b)

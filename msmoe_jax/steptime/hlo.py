@@ -329,6 +329,51 @@ def _loop_body(instr: Instr) -> str | None:
     return None
 
 
+def _bytes(arrays) -> int:
+    return sum(DTYPE_BYTES[d] * math.prod(x) for d, x in arrays)
+
+
+def bytes_touched(instr: Instr, comps: dict[str, list[Instr]], arrays_of: dict) -> int:
+    """Bytes an instruction reads and writes in memory: its operands and results, except that
+    a dynamic-slice reads only its slice and a dynamic-update-slice of a buffer it is given
+    updates it in place, touching only the update (what a scan over stacked layers does with
+    their parameters, gradients and saved activations each iteration), inside a fusion too.
+    An async ``fusion-start``'s result tuple (operands, result, context) counts its result."""
+    body = (comps.get(instr.calls[0]) if instr.op in ("fusion", "fusion-start") and instr.calls
+            else None)
+    fused = body is not None
+    if body is None:  # the instruction itself, with its operands as its parameters
+        body, params = [instr], {o: k for k, o in enumerate(instr.operands)}
+        size = lambda name: _bytes(arrays_of.get(name, ()))
+        outputs = [instr]
+    else:
+        params = {i.name: int(i.args) for i in body if i.op == "parameter" and i.args.isdigit()}
+        size = lambda name: _bytes(next((i.arrays for i in body if i.name == name), ()))
+        root = next((i for i in body if i.root), body[-1])
+        byname = {i.name: i for i in body}
+        outputs = ([byname[o] for o in root.operands if o in byname] if root.op == "tuple"
+                   else [root])
+    uses: dict[str, list[tuple[Instr, int]]] = {}
+    for i in body:
+        for pos, o in enumerate(i.operands):
+            uses.setdefault(o, []).append((i, pos))
+    read = 0
+    for k, name in enumerate(instr.operands):
+        full = _bytes(arrays_of.get(name, ()))
+        param = next((p for p, j in params.items() if j == k), None) if fused else name
+        used = uses.get(param, []) if param is not None else []
+        sliced = used and all(i.op in ("dynamic-slice", "dynamic-update-slice") and pos == 0
+                              for i, pos in used)
+        read += (sum(i.result_bytes if i.op == "dynamic-slice" else 0 for i, _ in used)
+                 if sliced else full)
+    write = 0
+    for out in outputs:
+        in_place = (out.op == "dynamic-update-slice" and len(out.operands) > 1
+                    and out.operands[0] in params)
+        write += size(out.operands[1]) if in_place else out.result_bytes
+    return read + write
+
+
 def all_arrays(comps: dict[str, list[Instr]]) -> dict[str, list]:
     """name -> result arrays of every instruction of the module (names are module-unique)."""
     return {i.name: i.arrays for body in comps.values() for i in body}

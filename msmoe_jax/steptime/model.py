@@ -19,11 +19,11 @@ import math
 from typing import NamedTuple
 
 from msmoe_jax.steptime.hlo import (
-    DTYPE_BYTES,
     FREE,
     Instr,
     Routing,
     all_arrays,
+    bytes_touched,
     collective_payload,
     flatten,
     flop_scope,
@@ -215,9 +215,7 @@ def program_ops(hlo_text: str, num_devices: int, hw: Hardware,
         f = flops(instr, comps, shapes, routing)
         scope = flop_scope(instr.op_name)
         by_scope[scope] = by_scope.get(scope, 0.0) + f
-        moved = instr.result_bytes + sum(
-            sum(DTYPE_BYTES[d] * math.prod(x) for d, x in arrays_of.get(o, ()))
-            for o in instr.operands)
+        moved = bytes_touched(instr, comps, arrays_of)
         rate = hw.grouped_efficiency if scope == "experts" else hw.matmul_efficiency
         seconds = max(f / (hw.peak_flops * rate), moved / (hw.mem_bw * hw.mem_efficiency))
         ops.append(Op(step.name, "compute", seconds + hw.launch, deps, scope))
