@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from msmoe_jax.h100 import platforms_for_compiling  # noqa: E402
 
 FORMER_352B = ["parallel.zero=0", "parallel.attention=tensor", "parallel.sequence=1",
-               "parallel.tensor=8"]
+               "parallel.tensor=8", "parallel.collective_matmul=bidirectional"]
 # Layouts the shipped configs used before, kept as comparisons rather than as configs.
 FORMER = {
     # Experts across nodes x expert_tensor 8 in the node, replicated optimizer state (before

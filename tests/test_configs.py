@@ -44,7 +44,9 @@ def test_the_352b_config_is_the_papers_model():
         60, 4096, 32, 8, 14336, 32, 3, 8192, 65536)
     out = plan(cfg, 512)
     assert 330e9 < out.params < 360e9
-    assert out.mesh == {"data:expert_data": 2, "data:expert": 32, "tensor:expert_tensor": 8}
+    # Ulysses attention over the node, where expert_tensor splits the experts' width.
+    assert out.mesh == {"data:expert_data": 2, "data:expert": 32, "sequence:expert_tensor": 8}
+    assert cfg.parallel.attention == "ulysses" and cfg.parallel.zero == 1
 
 
 def test_a_config_refuses_another_device_count(capsys):

@@ -91,9 +91,11 @@ def test_zero_steps_equal_the_unsharded_optimizer(name):
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(state0)]
         for path, a, b in zip(paths, jax.tree.leaves(state0), jax.tree.leaves(state)):
             a, b = np.asarray(a), np.asarray(b)
-            # Updates are ~lr per step: the atol is 1/300 of one step's update.
-            tol = dict(rtol=2e-2, atol=2e-2 * np.abs(a).max()) if bf16 else \
-                dict(rtol=1e-5, atol=1e-5)
+            # Updates are ~lr per step: the fp32 atol is 1/300 of one step's update. BF16
+            # rounding of the gradient moves the first moment by a few % of its largest entry
+            # (more under zero 3, which rounds each micro-batch's gradient separately).
+            tol = dict(rtol=2e-2, atol=(2e-2 if z == 1 else 5e-2) * np.abs(a).max()) if bf16 \
+                else dict(rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(b, a, **tol, err_msg=f"zero {z}: {path}")
         assert int(state["step"]) == 3  # every step was applied (finite)
 
