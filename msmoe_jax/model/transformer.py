@@ -22,6 +22,11 @@ LAYERS = "layers"  # the logical axis of stacked blocks (never sharded)
 STACKED = ("dense_blocks", "moe_blocks")  # the attributes holding stacked blocks
 
 
+def is_stacked(path) -> bool:
+    """Whether a parameter's tree path (``jax.tree_util``) is inside the stacked blocks."""
+    return bool(path) and getattr(path[0], "key", None) in STACKED
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: attention, then a dense SwiGLU or an MoE feed-forward."""
 
@@ -71,7 +76,8 @@ def run_blocks(name: str, blocks: Block | None, x, positions, ops: LayerOps):
         return nnx.merge(graphdef, ops.gather(f"['{name}']", layer))(x, positions, ops)
 
     if ops.remat_policy is not None:
-        one = jax.checkpoint(one, policy=ops.remat_policy)
+        # Inside scan the loop already keeps the recompute apart: no CSE barriers needed.
+        one = jax.checkpoint(one, policy=ops.remat_policy, prevent_cse=not ops.scan_layers)
     if ops.scan_layers:
         return jax.lax.scan(one, x, state)
     count = jax.tree.leaves(state)[0].shape[0]
@@ -109,7 +115,9 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array,
                  ops: LayerOps = LayerOps()):
-        """tokens: [b, s] int; positions: [s] global positions of these tokens.
+        """tokens: [b, s] int; positions: [s] global positions of these tokens. With the
+        single-device ops (a sharded vocabulary's head holds a slice of the logits only: the
+        parallel loss goes through ``nll``).
 
         Returns (logits [b, s, V] float32, router stats: a RouterStats whose fields have a
         leading [num_moe_layers] axis, or None when there are no MoE layers).

@@ -25,7 +25,7 @@ from msmoe_jax.steptime.hlo import (
 # names a collective: "expert_tensor" (the gathers/scatters over expert_tensor devices inside
 # a node, around the expert exchange) sits inside "moe_dispatch".
 SCOPES = ("ulysses", "tensor_attention", "tensor_ffn", "expert_tensor", "moe_dispatch",
-          "grad_exchange", "vocab_parallel")
+          "grad_exchange", "vocab_parallel", "zero_gather")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from msmoe_jax.config import Config
 from msmoe_jax.kernels.experts import kernel_experts, pallas_dot, tiles_of
 from msmoe_jax.model import LayerOps, local_experts
 from msmoe_jax.model.remat import remat_policy
-from msmoe_jax.model.transformer import STACKED
+from msmoe_jax.model.transformer import is_stacked
 from msmoe_jax.objective import COUNTS, loss_terms
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel import fp8
@@ -155,9 +155,8 @@ def zero_specs(params, specs, layout: Layout):
     stacked blocks' ``layers`` dimension (their first) is never split, so that a layer's
     slice is split like a lone layer's parameter."""
     sizes = dict(layout.mesh_axes)
-    stacked = lambda path: any(getattr(k, "key", None) in STACKED for k in path)
     return jax.tree_util.tree_map_with_path(
-        lambda path, p, s: zero_spec(s, p.shape, sizes, int(stacked(path))), params, specs)
+        lambda path, p, s: zero_spec(s, p.shape, sizes, int(is_stacked(path))), params, specs)
 
 
 def zero_spec(spec: P, shape: tuple[int, ...], sizes: dict[str, int], fixed: int = 0) -> P:

@@ -23,11 +23,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from msmoe_jax.model.transformer import STACKED
+from msmoe_jax.model.transformer import is_stacked
 from msmoe_jax.parallel import collectives as C
 from msmoe_jax.parallel.grad_exchange import replica_axes, scatter_sum, scattered_dim
 
 GATHERED = "zero_gathered"  # checkpoint_name of gathered parameters: remat never saves them
+SCOPE = "zero_gather"  # labels the gathers and their reduce-scatters (parallel/comm_bytes.py)
+# Matrices gathered in their own dtype (see ``splits``), by path without the ``.value``.
+FULL = ("['embed']", "['moe_blocks']['ffn']['router']", "['dense_blocks']['ffn']['router']")
 
 
 class Split(NamedTuple):
@@ -44,8 +47,9 @@ def splits(params, specs, zero, mesh_axes: tuple[str, ...], sizes: dict[str, int
            compute_dtype) -> dict[str, Split]:
     """The split of every parameter that ``zero`` (``strategy.zero_specs``) splits beyond its
     layout ``specs``, by its path (``jax.tree_util.keystr``). Matrices travel in
-    ``compute_dtype``; vectors (norm scales, biases) and the router, which the model uses in
-    FP32, in their own dtype."""
+    ``compute_dtype`` where it is the narrower; vectors (norm scales, biases) and the router,
+    which the model uses in FP32, in their own dtype, and so does the embedding, whose
+    gradient sums the rows of every token and would be summed in the gathered dtype."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     out = {}
     up_to = treedef.flatten_up_to  # type: ignore[attr-defined]
@@ -54,10 +58,11 @@ def splits(params, specs, zero, mesh_axes: tuple[str, ...], sizes: dict[str, int
         if d is None:
             continue
         key = jax.tree_util.keystr(path)
-        stacked = getattr(path[0], "key", None) in STACKED
-        matrix = p.ndim - stacked >= 2 and "['router']" not in key
+        stacked = is_stacked(path)
+        narrow = (p.ndim - stacked >= 2 and key.split(".")[0] not in FULL
+                  and jnp.dtype(compute_dtype).itemsize < p.dtype.itemsize)
         axes = tuple(a for a in replica_axes(spec, mesh_axes) if sizes[a] > 1)
-        out[key] = Split(d - stacked, axes, jnp.dtype(compute_dtype) if matrix else p.dtype,
+        out[key] = Split(d - stacked, axes, jnp.dtype(compute_dtype) if narrow else p.dtype,
                          p.dtype, stacked)
     return out
 
@@ -67,7 +72,8 @@ def gather_part(x: jax.Array, split: Split, sizes: tuple[tuple[str, int], ...], 
     """This device's part ``x`` -> the whole parameter in ``split.dtype``; the backward
     reduce-scatters the gradient over the replicas into the part (``mode``: "fp32" or
     "bf16_a2a", as ``compression.gradients``)."""
-    return C.gather(x.astype(split.dtype), split.axes, split.dim)
+    with jax.named_scope(SCOPE):
+        return C.gather(x.astype(split.dtype), split.axes, split.dim)
 
 
 def _gather_fwd(x, split, sizes, mode):
@@ -75,7 +81,8 @@ def _gather_fwd(x, split, sizes, mode):
 
 
 def _gather_bwd(split, sizes, mode, _, g):
-    part = scatter_sum(g.astype(jnp.float32), split.dim, split.axes, dict(sizes), mode)
+    with jax.named_scope(SCOPE):
+        part = scatter_sum(g.astype(jnp.float32), split.dim, split.axes, dict(sizes), mode)
     return (part.astype(split.held),)
 
 
