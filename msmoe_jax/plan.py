@@ -11,8 +11,9 @@ config is checked on a laptop.
 ``--compile`` compiles the training step for that many H100s (``msmoe_jax/h100.py``; needs
 ``.[h100-compile]``) and adds what only the program knows: gradients, activations and
 workspaces, and the peak per device, from XLA:GPU's memory analysis, and whether that fits in
-the GPU's memory with headroom. Models deeper than ``--max-layers`` are compiled at two smaller
-depths and extrapolated linearly per layer (the method's check is in docs/performance.md).
+the GPU's memory with headroom. Models run under scan are compiled whole; unrolled ones deeper
+than ``--max-layers`` at two smaller depths, extrapolated linearly per layer (the method's
+check is in docs/performance.md).
 """
 
 from __future__ import annotations
