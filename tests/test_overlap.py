@@ -29,7 +29,9 @@ SCHEDULES = {
         {"data": 2, "sequence": 2, "tensor": 2, "expert_data": 1, "expert": 4,
          "expert_tensor": 2, **A2A, "chunks": 4}, {"num_heads": 16}),
     "seq4xdata2-ep8-ragged-chunks2": (
-        {"data": 2, "sequence": 4, "expert_data": 1, "expert": 8, **RAGGED, "chunks": 2}, {}),
+        # Chunks of half the tokens overflow 2x buffers on these random batches.
+        {"data": 2, "sequence": 4, "expert_data": 1, "expert": 8, **RAGGED, "chunks": 2,
+         "buffer_factor": 4.0}, {}),
     "seq4xdata2-ep4xed2-gather-chunks2": (
         {"data": 2, "sequence": 4, "expert_data": 2, "expert": 4, **AG, "chunks": 2}, {}),
 }
