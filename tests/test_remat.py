@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow  # whole trainings or many compiles (-m 'not slow'
 # activations matter next to XLA:CPU's transient buffers (at smaller sizes, or with longer
 # sequences, the CPU compiler's peak is set by transients and the order is noise).
 LAYOUT = {"data": 2, "sequence": 4, "expert_data": 1, "expert": 8,
-          "dispatch": "all_to_all", "all_to_all": "padded"}
+          "dispatch": "all_to_all", "all_to_all": "padded", "buffer_factor": 4.0}
 
 
 def test_remat_policies_same_gradients_and_decreasing_memory():
