@@ -26,10 +26,10 @@ FORMER_352B = ["parallel.zero=0", "parallel.attention=tensor", "parallel.sequenc
                "parallel.tensor=8", "parallel.collective_matmul=bidirectional"]
 # Layouts the shipped configs used before, kept as comparisons rather than as configs.
 FORMER = {
-    # The paper's: the experts inside the node (expert 8 x expert_data 8), every expert whole
-    # on each GPU; it needs per-layer gradient accumulation to fit (docs/performance.md).
-    "mixtral_8x7b_64xh100.yaml": ["parallel.expert_data=8", "parallel.expert_tensor=1",
-                                  "train.grad_accum_steps=32"],
+    # Before issue [4/5]: the experts split across the nodes and each expert's width over the
+    # node (expert_tensor 8), with replicated optimizer state: the in-node layout did not fit.
+    "mixtral_8x7b_64xh100.yaml": ["parallel.expert_data=1", "parallel.expert_tensor=8",
+                                  "parallel.zero=0", "train.grad_accum_steps=16"],
     # Tensor-parallel attention over the node with replicated optimizer state (before ZeRO
     # let Ulysses attention's replicated attention state fit).
     "megascale_352b_512xh100.yaml": FORMER_352B,

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
+
 from msmoe_jax.model.layers import causal_attention, embed, head_nll
 from msmoe_jax.model.moe import ExpertsFn, local_experts
 
@@ -27,6 +29,10 @@ def apply(fn, x):
 
 def no_gather(name, params):
     return params
+
+
+def scan_blocks(name, body, x, layers):
+    return jax.lax.scan(body, x, layers)
 
 
 def project_in(x, positions, project):
@@ -61,6 +67,9 @@ class LayerOps(NamedTuple):
     # Run the stacked blocks under jax.lax.scan (one block of each kind in the program) or in
     # a Python loop (one copy per layer).
     scan_layers: bool = True
+    # (name, body, x, stacked layers) -> jax.lax.scan(body, x, layers) when scanned; gradient
+    # accumulation swaps in a scan whose backward accumulates per layer (parallel/layer_grads).
+    scan_blocks: Callable = scan_blocks
 
 
 def reference_ops(expert_compute: str = "auto") -> LayerOps:

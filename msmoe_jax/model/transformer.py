@@ -79,7 +79,7 @@ def run_blocks(name: str, blocks: Block | None, x, positions, ops: LayerOps):
         # Inside scan the loop already keeps the recompute apart: no CSE barriers needed.
         one = jax.checkpoint(one, policy=ops.remat_policy, prevent_cse=not ops.scan_layers)
     if ops.scan_layers:
-        return jax.lax.scan(one, x, state)
+        return ops.scan_blocks(name, one, x, state)
     count = jax.tree.leaves(state)[0].shape[0]
     outs = []
     for i in range(count):

@@ -52,6 +52,7 @@ from msmoe_jax.parallel.grad_exchange import (
     scatter_gradients,
     vary_replicas,
 )
+from msmoe_jax.parallel.layer_grads import accumulate_into
 from msmoe_jax.parallel.mesh import REPLICATED, Layout, is_gpu
 from msmoe_jax.parallel.vocab import parallel_embed, parallel_head_nll
 from msmoe_jax.parallel.zero import GATHERED, gatherer, splits
@@ -202,23 +203,36 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
     # Sums over the batch whose backward hands each device the gradient of the sum.
     reduce = lambda tree: C.total(tree, layout.all_axes)
 
+    # Scanned blocks accumulate their gradients layer by layer (parallel/layer_grads.py).
+    layerwise = steps > 1 and cfg.train.scan_layers
+
     def per_device(params, inputs, targets, positions, specs, zero, ops):
-        def micro_batch(params, inputs, targets, positions):
-            params = ops.gather("", params)  # ZeRO-3: the model's own (unstacked) parameters
-            return loss_terms(graphdef, params, inputs, targets, positions, cfg.model, ops,
+        def micro_batch(params, acc, inputs, targets, positions):
+            o = ops if acc is None else ops._replace(scan_blocks=accumulate_into(acc))
+            params = o.gather("", params)  # ZeRO-3: the model's own (unstacked) parameters
+            return loss_terms(graphdef, params, inputs, targets, positions, cfg.model, o,
                               reduce)
 
-        grad = jax.value_and_grad(micro_batch, has_aux=True)
         held = zero if stage == 3 else specs
         local = vary_replicas(params, held, layout.all_axes)
         if steps == 1:
-            (_, metrics), grads = grad(local, inputs, targets, positions)
+            grad = jax.value_and_grad(micro_batch, has_aux=True)
+            (_, metrics), grads = grad(local, None, inputs, targets, positions)
         else:
             split = lambda a: a.reshape(steps, a.shape[0] // steps, *a.shape[1:])
 
             def accumulate(acc, batch):
-                (_, metrics), g = grad(local, *batch, positions)
-                return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g), metrics
+                if not layerwise:
+                    grad = jax.value_and_grad(micro_batch, has_aux=True)
+                    (_, metrics), g = grad(local, None, *batch, positions)
+                    return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g), metrics
+                # The stacked blocks' cotangent w.r.t. acc is acc with their gradient added.
+                grad = jax.value_and_grad(micro_batch, argnums=(0, 1), has_aux=True)
+                (_, metrics), (g, added) = grad(local, acc, *batch, positions)
+                acc = jax.tree_util.tree_map_with_path(
+                    lambda path, a, b, c: c if is_stacked(path) else a + b.astype(jnp.float32),
+                    acc, g, added)
+                return acc, metrics
 
             zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), local)
             grads, metrics = jax.lax.scan(accumulate, zeros, (split(inputs), split(targets)))
