@@ -213,22 +213,21 @@ def make_grad_fn(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, layout: Layout
             return loss_terms(graphdef, params, inputs, targets, positions, cfg.model, o,
                               reduce)
 
+        grad = jax.value_and_grad(micro_batch, has_aux=True)
         held = zero if stage == 3 else specs
         local = vary_replicas(params, held, layout.all_axes)
         if steps == 1:
-            grad = jax.value_and_grad(micro_batch, has_aux=True)
             (_, metrics), grads = grad(local, None, inputs, targets, positions)
         else:
             split = lambda a: a.reshape(steps, a.shape[0] // steps, *a.shape[1:])
 
             def accumulate(acc, batch):
                 if not layerwise:
-                    grad = jax.value_and_grad(micro_batch, has_aux=True)
                     (_, metrics), g = grad(local, None, *batch, positions)
                     return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g), metrics
                 # The stacked blocks' cotangent w.r.t. acc is acc with their gradient added.
-                grad = jax.value_and_grad(micro_batch, argnums=(0, 1), has_aux=True)
-                (_, metrics), (g, added) = grad(local, acc, *batch, positions)
+                both = jax.value_and_grad(micro_batch, argnums=(0, 1), has_aux=True)
+                (_, metrics), (g, added) = both(local, acc, *batch, positions)
                 acc = jax.tree_util.tree_map_with_path(
                     lambda path, a, b, c: c if is_stacked(path) else a + b.astype(jnp.float32),
                     acc, g, added)
