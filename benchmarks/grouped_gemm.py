@@ -15,6 +15,7 @@ the GPU's numbers mean anything; the CPU run checks that the script works.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -65,7 +66,12 @@ def mosaic_ragged_dot():
     return dot
 
 
-def gemm_rows(name, h, f, e, k, tokens, routing, tiles, reps, dtype):
+IMPLS = ("pallas (ours)", "ragged_dot", "dense dot", "mosaic ragged_dot")
+
+
+def gemm_rows(name, h, f, e, k, tokens, routing, tiles, reps, dtype, impls=IMPLS):
+    """One dict per implementation: fwd_ms, fwd_tflops and bwd_tflops (None where the
+    implementation has no backward rule, with the reason in ``note``)."""
     rows = tokens * k
     sizes = jnp.asarray(group_sizes(rows, e, routing))
     keys = jax.random.split(jax.random.key(0), 3)
@@ -76,28 +82,37 @@ def gemm_rows(name, h, f, e, k, tokens, routing, tiles, reps, dtype):
     ours = lambda a, b: grouped_matmul(a, b, sizes, None, None, None, None, None, tiles, None)
     xla = lambda a, b: jax.lax.ragged_dot(a, b, sizes)
     dense = lambda a, b: jnp.dot(a, b)
-    impls = {"pallas (ours)": (ours, rhs), "ragged_dot": (xla, rhs), "dense dot": (dense, dense_w)}
+    available = {"pallas (ours)": (ours, rhs), "ragged_dot": (xla, rhs),
+                 "dense dot": (dense, dense_w)}
     mosaic = mosaic_ragged_dot()
     if mosaic is not None:
-        impls["mosaic ragged_dot"] = (lambda a, b: mosaic(a, b, sizes), rhs)
+        available["mosaic ragged_dot"] = (lambda a, b: mosaic(a, b, sizes), rhs)
     out = []
-    for impl, (fn, w) in impls.items():
+    for impl in impls:
+        if impl not in available:
+            continue
+        fn, w = available[impl]
         fwd = jax.jit(fn)
         fwd_bwd = jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(fn(a, b).astype(jnp.float32)),
                                    argnums=(0, 1)))
         t_f = timed(fwd, lhs, w, reps=reps)
+        row = dict(shape=name, tokens=tokens, routing=routing, impl=impl, fwd_ms=t_f * 1e3,
+                   fwd_tflops=flops / t_f / 1e12, bwd_tflops=None, note="")
         try:
             t_b = timed(fwd_bwd, lhs, w, reps=reps) - t_f
-            bwd = f"{2 * flops / max(t_b, 1e-9) / 1e12:8.1f}"
+            if t_b > 0.05 * t_f:
+                row["bwd_tflops"] = 2 * flops / t_b / 1e12
+            else:
+                row["note"] = "forward + backward timed no slower than forward: noise"
         except Exception as err:  # noqa: BLE001 (the Mosaic example has no backward rule)
-            bwd = f"n/a ({type(err).__name__})"
-        out.append((name, tokens, routing, impl, f"{t_f * 1e3:9.3f}",
-                    f"{flops / t_f / 1e12:8.1f}", bwd))
+            row["note"] = f"no backward ({type(err).__name__})"
+        out.append(row)
     return out
 
 
 def layer_rows(name, h, f, e, k, tokens, routing, tiles, reps, dtype):
-    """A whole expert layer (permute, gate/up, SwiGLU, down, gate-weighted combine), fwd+bwd."""
+    """A whole expert layer (permute, gate/up, SwiGLU, down, gate-weighted combine), fwd+bwd:
+    one dict per implementation with its ``ms``."""
     keys = jax.random.split(jax.random.key(1), 5)
     x = jax.random.normal(keys[0], (tokens, h), dtype)
     w = ExpertWeights(*((jax.random.normal(kk, s, jnp.float32) / s[1] ** 0.5).astype(dtype)
@@ -115,8 +130,16 @@ def layer_rows(name, h, f, e, k, tokens, routing, tiles, reps, dtype):
             lambda x, w, fn=fn: jnp.sum(fn(x, idx, gates, w, None)[0].astype(jnp.float32)),
             argnums=(0, 1)))
         t = timed(step, x, w, reps=reps)
-        out.append((name, tokens, routing, impl, f"{t * 1e3:9.3f}"))
+        out.append(dict(shape=name, tokens=tokens, routing=routing, impl=impl, ms=t * 1e3))
     return out
+
+
+def gemm_table_rows(rows):
+    """``gemm_rows`` dicts as table cells."""
+    return [(r["shape"], r["tokens"], r["routing"], r["impl"], f"{r['fwd_ms']:9.3f}",
+             f"{r['fwd_tflops']:8.1f}",
+             f"{r['bwd_tflops']:8.1f}" if r["bwd_tflops"] is not None else f"n/a {r['note']}")
+            for r in rows]
 
 
 def table(header, rows):
@@ -138,6 +161,9 @@ def main(argv=None):
     p.add_argument("--tiles", default="128,128,64", help="block_m,block_n,block_k")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--no-layer", action="store_true", help="skip the fused-layer table")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
+                   help="grouped GEMM implementations to time (default: all available)")
+    p.add_argument("--json", help="also write the GEMM rows to this JSON file")
     a = p.parse_args(argv)
     bm, bn, bk = (int(v) for v in a.tiles.split(","))
     shapes = QUICK if a.quick else {s: SHAPES[s] for s in a.shapes}
@@ -153,15 +179,19 @@ def main(argv=None):
     for name, (h, f, e, k) in shapes.items():
         for t in tokens:
             for routing in a.routing:
-                rows += gemm_rows(name, h, f, e, k, t, routing, tiles, reps, dtype)
+                rows += gemm_rows(name, h, f, e, k, t, routing, tiles, reps, dtype, a.impls)
                 if not a.no_layer:
                     layer += layer_rows(name, h, f, e, k, t, routing, tiles, reps, dtype)
     print("\nGrouped GEMM [tokens*k, h] x [E, h, ffn] (backward = data + weight gradients)")
     table(("shape", "tokens", "routing", "impl", "fwd ms", "fwd TFLOP/s", "bwd TFLOP/s"),
-          rows)
+          gemm_table_rows(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
     if layer:
         print("\nExpert layer forward + backward (permute, SwiGLU experts, gate-weighted combine)")
-        table(("shape", "tokens", "routing", "impl", "ms"), layer)
+        table(("shape", "tokens", "routing", "impl", "ms"),
+              [(r["shape"], r["tokens"], r["routing"], r["impl"], f"{r['ms']:9.3f}")
+               for r in layer])
 
 
 if __name__ == "__main__":
