@@ -1,5 +1,5 @@
 """The lent-GPU check (issue [5/5]): does each GPU path run, agree with the reference, and how
-fast is it. One run of under ten minutes writes ``gpu_check.json`` and ``gpu_check.md``.
+fast is it. One run of about six minutes writes ``gpu_check.json`` and ``gpu_check.md``.
 
     bash benchmarks/gpu_check.sh                      # on the lent GPU: carried wheels, into $OUT
     python benchmarks/gpu_check.py --out DIR          # the same, without the wheels step
@@ -60,7 +60,6 @@ import numpy as np  # noqa: E402
 from benchmarks import compare, fp8_cost, grouped_gemm  # noqa: E402
 from benchmarks.timing import timed  # noqa: E402
 
-HIGHEST = jax.lax.Precision.HIGHEST
 # |a - b| / |b| tolerances (docs/testing.md): fp32 (with HIGHEST precision), bf16 operands, and
 # a loss after a few optimizer steps at matching precision on two backends.
 TOL = {"float32": 1e-4, "bfloat16": 1e-2, "fp8": 0.05, "loss": 1e-3}
@@ -442,15 +441,19 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     seconds = float(np.median(times))
-    trace = Path(tempfile.mkdtemp(prefix="gpu_check_trace_"))
-    with jax.profiler.trace(str(trace), create_perfetto_trace=True):
-        for _ in range(2):
-            state, metrics = compiled(state, tokens)
-        jax.block_until_ready(metrics)
-    kinds = kernel_time_by_kind(trace)
-    for f in trace.rglob("perfetto_trace.json.gz"):
-        if f.stat().st_size < 15 * 2**20:
-            (ctx.out / "step_trace.json.gz").write_bytes(f.read_bytes())
+    kinds, profile_error = {}, None
+    try:  # CUPTI may be refused (e.g. under gVisor): the step's figures stand without it
+        trace = Path(tempfile.mkdtemp(prefix="gpu_check_trace_"))
+        with jax.profiler.trace(str(trace), create_perfetto_trace=True):
+            for _ in range(2):
+                state, metrics = compiled(state, tokens)
+            jax.block_until_ready(metrics)
+        kinds = kernel_time_by_kind(trace)
+        for f in trace.rglob("perfetto_trace.json.gz"):
+            if f.stat().st_size < 15 * 2**20:
+                (ctx.out / "step_trace.json.gz").write_bytes(f.read_bytes())
+    except Exception as err:  # noqa: BLE001
+        profile_error = f"{type(err).__name__}: {err}"[:500]
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     tps = tokens_per_step / seconds
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
@@ -480,6 +483,7 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
         measured_peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None,
         device_busy_ms=busy * 1e3 if busy else None,
         by_kind_ms={k: v / 2 * 1e3 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        profile_error=profile_error,
         model_nominal_ms=nominal * 1e3, model_calibrated_ms=calibrated * 1e3,
         calibration={"matmul_efficiency": tuned.matmul_efficiency,
                      "grouped_efficiency": tuned.grouped_efficiency,
@@ -502,16 +506,6 @@ def gemm_table(ctx: Ctx) -> list[dict]:
                 break
             got = grouped_gemm.gemm_rows(name, h, f, e, k, tokens, routing, tiles, ctx.reps,
                                          jnp.bfloat16)
-            by = {r["impl"]: r for r in got}
-            ours = by["pallas (ours)"]
-            ours["vs_dense"] = ours["fwd_tflops"] / by["dense dot"]["fwd_tflops"]
-            ragged = [r["fwd_tflops"] for i, r in by.items() if "ragged_dot" in i]
-            ours["vs_best_ragged"] = ours["fwd_tflops"] / max(ragged)
-            ours["targets"] = ("forward >= 1.0x the best ragged_dot: "
-                               + ("met" if ours["vs_best_ragged"] >= 1.0 else "missed"))
-            if name == "mixtral-8x7b" and routing == "balanced":
-                ours["targets"] += ("; forward >= 0.85x dense: "
-                                    + ("met" if ours["vs_dense"] >= 0.85 else "missed"))
             rows += [record("gemm", f"{r['shape']} {r['routing']} {r['impl']}", **r)
                      for r in got]
     return rows
@@ -578,6 +572,38 @@ def lowerings(ctx: Ctx) -> list[dict]:
 # --- the report -------------------------------------------------------------------------------
 
 
+def targets(sections: dict) -> list[dict]:
+    """The issue's targets against every measured figure: our grouped GEMM's forward >= 1.0x
+    the best ``ragged_dot`` (any lowering, Mosaic GPU's included) on every shape and >= 0.85x
+    the dense dot on balanced Mixtral; the one-GPU step at >= 45% MFU."""
+    rows = lambda name: sections.get(name, {}).get("records", [])
+    out = []
+    for ours in (r for r in rows("gemm") if r.get("impl") == "pallas (ours)"):
+        same = [r for r in rows("gemm") + rows("lowerings") if r.get("fwd_tflops")
+                and (r.get("shape"), r.get("routing")) == (ours["shape"], ours["routing"])]
+        ragged = [r for r in same if "ragged_dot" in r["impl"]]
+        dense = [r["fwd_tflops"] for r in same if r["impl"] == "dense dot"]
+        if not ours.get("fwd_tflops") or not ragged:
+            continue
+        best = max(ragged, key=lambda r: r["fwd_tflops"])
+        lowering = best["name"].split(":")[0] if best["section"] == "lowerings" else ""
+        ratio = ours["fwd_tflops"] / best["fwd_tflops"]
+        out.append(record("targets", f"{ours['shape']} {ours['routing']}: forward vs the best "
+                          "ragged_dot", want=">= 1.0x", got=ratio,
+                          best=f"{best['impl']} {lowering}".strip(),
+                          status="met" if ratio >= 1.0 else "missed"))
+        if (ours["shape"], ours["routing"]) == ("mixtral-8x7b", "balanced") and dense:
+            ratio = ours["fwd_tflops"] / dense[0]
+            out.append(record("targets", "mixtral-8x7b balanced: forward vs dense", want=">= 0.85x",
+                              got=ratio, status="met" if ratio >= 0.85 else "missed"))
+    for step in rows("step"):
+        if step.get("mfu") is not None:
+            out.append(record("targets", "one-GPU training step MFU", want=">= 0.45",
+                              got=step["mfu"], status="met" if step["mfu"] >= 0.45 else "missed"))
+    return out
+
+
+
 def correctness(ctx: Ctx) -> list[dict]:
     out = []
     for check in (check_grouped_gemm, check_expert_layer, check_fp8, check_attention,
@@ -637,8 +663,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"),
                    help="report folder (default: $OUT, else ./gpu_check_out)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on any backend")
-    p.add_argument("--budget-s", type=float, default=480.0,
-                   help="start no section after this many seconds (default 480)")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="start no section after this many seconds (default 300: with the "
+                        "machine's start, a rerun still fits a 15-minute lease)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10)")
     p.add_argument("--only", nargs="+", default=None,
                    choices=["ceilings", "correctness", "step", "gemm", "layer", "fp8",
@@ -693,6 +720,10 @@ def main(argv=None) -> int:
             if "gb_per_s" in r:
                 state["gb_per_s"] = r["gb_per_s"]
         report["meta"]["seconds"] = time.perf_counter() - ctx.started
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "gpu_check.md").write_text(markdown(report))
+    if not a.only:
+        report["sections"]["targets"] = {"records": targets(report["sections"]), "seconds": 0.0}
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
         (out / "gpu_check.md").write_text(markdown(report))
     failed = [r["name"] for s in report["sections"].values() for r in s.get("records", [])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lent GPU's whole check in one command (docs/performance.md, "GPU check"). From this
 # session's machine, with the wheels prepared by benchmarks/gpu_wheels.sh:
-#   device run: command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 560
+#   device run: command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 480
 # There: Python 3.12 with the image's jax 0.11 + CUDA, no internet. The carried wheels (if any)
 # go first on the path; the repository is imported from the working tree (no install). The
 # report lands in $OUT (the device tool brings it back), else in ./gpu_check_out.
