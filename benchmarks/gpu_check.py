@@ -1,5 +1,5 @@
 """The lent-GPU check (issue [5/5]): does each GPU path run, agree with the reference, and how
-fast is it. One run of about six minutes writes ``gpu_check.json`` and ``gpu_check.md``.
+fast is it. One run of about seven minutes writes ``gpu_check.json`` and ``gpu_check.md``.
 
     bash benchmarks/gpu_check.sh                      # on the lent GPU: carried wheels, into $OUT
     python benchmarks/gpu_check.py --out DIR          # the same, without the wheels step
@@ -62,15 +62,18 @@ from benchmarks.timing import timed  # noqa: E402
 
 # |a - b| / |b| tolerances (docs/testing.md): fp32 (with HIGHEST precision), bf16 operands, and
 # a loss after a few optimizer steps at matching precision on two backends.
-TOL = {"float32": 1e-4, "bfloat16": 1e-2, "fp8": 0.05, "loss": 1e-3}
-# The lowerings of jax.lax.ragged_dot on an H100 with jax 0.11, by name: the environment of the
-# subprocess that times it ("XLA_FLAGS" is added to the flags already set). "default": XLA's
-# dense GEMM over a masked input (groups x the FLOPs); "jax masked": no ragged_dot op reaches
+TOL = {"float32": 1e-4, "bfloat16": 1e-2, "fp8": 0.05, "loss": 1e-3,
+       # the expert layer in bf16 rounds its intermediates (gate, up, SwiGLU) too: ~6e-3 seen
+       # in a bf16 emulation of the GPU shape, so the single-GEMM bound would be too tight
+       "bfloat16 layer": 2e-2}
+# The other lowerings of jax.lax.ragged_dot on an H100 with jax 0.11 (XLA's default, a dense
+# GEMM over a masked input, groups x the FLOPs, is the gemm section's own), by name: the
+# environment of the subprocess that times it ("XLA_FLAGS" is added to the flags already
+# set). "jax masked": no ragged_dot op reaches
 # XLA, JAX decomposes it (also groups x); "cuDNN fusion": XLA's cuDNN ragged-dot fusion,
 # forward only, bf16 out, cuDNN >= 9.22, else it silently falls back to "default". The Pallas
 # Triton lowering (jax_ragged_dot_use_gpu_pallas_triton_lowering) is not in the 0.11 wheels.
 LOWERINGS: dict[str, dict[str, str]] = {
-    "default": {},
     "jax masked": {"JAX_RAGGED_DOT_USE_RAGGED_DOT_INSTRUCTION": "false"},
     "cuDNN fusion": {"XLA_FLAGS": "--xla_gpu_experimental_use_ragged_dot_fusion=true"},
 }
@@ -235,7 +238,7 @@ def check_expert_layer(ctx: Ctx) -> list[dict]:
             return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
 
         (ref_loss, ref_dropped), ref_grads = on_cpu(loss_of(experts_padded), x32, w32, gates)
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("float32", "bfloat16") if cf is None else ("bfloat16",):
             x, w = x32.astype(dtype), jax.tree.map(lambda a: a.astype(dtype), w32)
             for impl, fn in {"fused (ours)": fused_experts(tiles, interpret),
                              "unfused, pallas": grouped_experts(pallas_dot(tiles, interpret)),
@@ -247,9 +250,10 @@ def check_expert_layer(ctx: Ctx) -> list[dict]:
                     errs[f"grad{i}"] = rel_error(np.asarray(a, np.float32), b)
                 worst = max(errs.values())
                 same_drops = float(dropped) == float(ref_dropped)
+                tol = TOL["bfloat16 layer" if dtype == "bfloat16" else dtype]
                 out.append(record(
                     "correctness", f"expert layer {impl}, {'dropless' if cf is None else 'cf 1'}",
-                    dtype=dtype, status=verdict(worst, TOL[dtype]) if same_drops
+                    dtype=dtype, status=verdict(worst, tol) if same_drops
                     else "FAIL (drops)", rel_error=worst, errors=errs,
                     shape=f"T{t} d{d} f{f} E{e} k{k}"))
     return out
@@ -428,6 +432,7 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
     else:
         cfg, name = load_config(ROOT / "configs/h100_single.yaml"), "h100_single"
     dev = jax.devices()[0]
+    peak_before = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
     _, _, step, state, tokens = build_step(cfg, [dev], abstract=False)
     t0 = time.perf_counter()
     compiled = step.lower(state, tokens).compile()
@@ -449,6 +454,8 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
                 state, metrics = compiled(state, tokens)
             jax.block_until_ready(metrics)
         kinds = kernel_time_by_kind(trace)
+        if ctx.on_gpu and not kinds:
+            profile_error = "no GPU stream events in the trace (CUPTI refused?)"
         for f in trace.rglob("perfetto_trace.json.gz"):
             if f.stat().st_size < 15 * 2**20:
                 (ctx.out / "step_trace.json.gz").write_bytes(f.read_bytes())
@@ -459,7 +466,8 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
     fpt = train_flops_per_token(cfg.model, cfg.train.seq_len)
     peak_bytes = compare.peak_bytes(compiled)
-    stats = dev.memory_stats() or {}
+    # The device's peak since the process started: the step's own only if it rose.
+    peak_after = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
     text = compiled.as_text()
     hw = HARDWARE["h100"]
     nominal = model_step(text, 1, hw)[0].step
@@ -480,7 +488,7 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
         mfu=fpt * tps / (peak * 1e12) if peak else None,
         loss=float(metrics["loss"]),
         compiled_peak_gib=peak_bytes / 2**30 if peak_bytes else None,
-        measured_peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+        measured_peak_gib=peak_after / 2**30 if peak_after > peak_before else None,
         device_busy_ms=busy * 1e3 if busy else None,
         by_kind_ms={k: v / 2 * 1e3 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         profile_error=profile_error,
@@ -549,15 +557,22 @@ def lowerings(ctx: Ctx) -> list[dict]:
             out.append(record("lowerings", name, status="skip", note="time budget"))
             continue
         dest = ctx.out / f"lowering_{name.replace(' ', '_')}.json"
-        env = {**os.environ, **extra}
+        # The parent holds most of the GPU's memory: the child allocates what it uses.
+        env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **extra}
         flags = " ".join(f"{k}={v}" for k, v in extra.items())
         if "XLA_FLAGS" in extra:
             env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {extra['XLA_FLAGS']}".strip()
         cmd = [sys.executable, str(ROOT / "benchmarks/grouped_gemm.py"), "--impls", "ragged_dot",
                "--no-layer", "--json", str(dest), "--reps", str(ctx.reps)]
-        cmd += ["--quick", "--routing", "balanced"] if ctx.smoke else ["--tokens", "8192"]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=max(ctx.left(), 30))
+        # Not the paper's 32 experts: its masked backward needs a 22 GiB buffer per lowering.
+        cmd += (["--quick", "--routing", "balanced"] if ctx.smoke else
+                ["--tokens", "8192", "--shapes", "mixtral-8x7b", "deepseekmoe"])
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=max(ctx.left() + 60, 60))
+        except subprocess.TimeoutExpired:
+            out.append(record("lowerings", name, status="timeout", flags=flags))
+            continue
         if done.returncode or not dest.exists():
             out.append(record("lowerings", name, status="error", flags=flags,
                               note=done.stderr.strip().splitlines()[-1:]))
@@ -648,6 +663,18 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    got = {}
+    for name in ("jaxlib", "flax", "optax", "numpy", "triton"):
+        try:
+            got[name] = version(name)
+        except PackageNotFoundError:
+            got[name] = "-"
+    return got
+
+
 def cudnn_version() -> int | None:
     """The cuDNN that jax's CUDA plugin loaded (e.g. 92200 for 9.22), None off GPU."""
     try:
@@ -663,9 +690,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"),
                    help="report folder (default: $OUT, else ./gpu_check_out)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on any backend")
-    p.add_argument("--budget-s", type=float, default=300.0,
-                   help="start no section after this many seconds (default 300: with the "
-                        "machine's start, a rerun still fits a 15-minute lease)")
+    p.add_argument("--budget-s", type=float, default=360.0,
+                   help="start no section after this many seconds (default 360: with the "
+                        "machine's start, a rerun of what was skipped fits a 15-minute lease)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10)")
     p.add_argument("--only", nargs="+", default=None,
                    choices=["ceilings", "correctness", "step", "gemm", "layer", "fp8",
@@ -684,7 +711,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python benchmarks/gpu_check.py", *(argv or sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": a.smoke,
         "backend": jax.default_backend(), "device_kind": dev.device_kind,
-        "jax": jax.__version__, "cudnn": cudnn_version(),
+        "jax": jax.__version__, "cudnn": cudnn_version(), "versions": versions(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "seconds": 0.0},
         "sections": {}}
     state: dict = {}

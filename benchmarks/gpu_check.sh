@@ -17,6 +17,6 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version \
   --format=csv >"$out/nvidia-smi.csv" 2>&1 || true
-python3 -c "import jax, flax, optax; print('jax', jax.__version__, '| flax', flax.__version__, \
-'| optax', optax.__version__, '|', jax.devices())" 2>&1 | tee "$out/versions.txt"
-python3 benchmarks/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log"
+# Stopped here a little before the device call's limit, so that tee still writes the log.
+timeout "${GPU_CHECK_TIMEOUT_S:-450}" python3 benchmarks/gpu_check.py --out "$out" "$@" 2>&1 |
+  tee "$out/gpu_check.log"

@@ -122,7 +122,7 @@ def gemm_rows(name, h, f, e, k, tokens, routing, tiles, reps, dtype, impls=IMPLS
             else:
                 row["note"] = "forward + backward timed no slower than forward: noise"
         except Exception as err:  # noqa: BLE001 (the Mosaic example has no backward rule)
-            row["note"] = f"no backward ({type(err).__name__})"
+            row["note"] = f"no backward ({type(err).__name__}: {str(err)[:150]})"
     return out
 
 
