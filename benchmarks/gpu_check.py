@@ -655,7 +655,7 @@ def markdown(report: dict) -> str:
         if not recs:
             lines += [sec.get("note", "nothing recorded"), ""]
             continue
-        skip = {"section", "traceback", "shape", "tokens", "routing", "impl"}
+        skip = {"section", "traceback", "tokens", "routing", "impl"}
         cols = [c for c in dict.fromkeys(k for r in recs for k in r) if c not in skip]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in recs]
