@@ -501,39 +501,21 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
 GEMM_SHAPES_SMOKE = {"tiny": (64, 128, 4, 2)}
 
 
-def gemm_table(ctx: Ctx) -> list[dict]:
+def kernel_table(ctx: Ctx, section: str, rows_of: Callable, shapes: list[str]) -> list[dict]:
+    """``rows_of`` (``grouped_gemm.gemm_rows`` or ``layer_rows``) over ``shapes`` at 8k tokens,
+    balanced and skewed, as records; a tiny shape when smoke."""
     from msmoe_jax.kernels.grouped_gemm import Tiles
 
-    shapes = GEMM_SHAPES_SMOKE if ctx.smoke else grouped_gemm.SHAPES
+    sizes = GEMM_SHAPES_SMOKE if ctx.smoke else {s: grouped_gemm.SHAPES[s] for s in shapes}
     tokens = 64 if ctx.smoke else 8192
     tiles = Tiles(16, 16, 16) if ctx.smoke else Tiles()
     rows = []
-    for name, (h, f, e, k) in shapes.items():
+    for name, (h, f, e, k) in sizes.items():
         for routing in ("balanced", "skewed"):
             if ctx.left() < 0:
                 break
-            got = grouped_gemm.gemm_rows(name, h, f, e, k, tokens, routing, tiles, ctx.reps,
-                                         jnp.bfloat16)
-            rows += [record("gemm", f"{r['shape']} {r['routing']} {r['impl']}", **r)
-                     for r in got]
-    return rows
-
-
-def layer_table(ctx: Ctx) -> list[dict]:
-    from msmoe_jax.kernels.grouped_gemm import Tiles
-
-    shapes = (GEMM_SHAPES_SMOKE if ctx.smoke else
-              {s: grouped_gemm.SHAPES[s] for s in ("mixtral-8x7b", "deepseekmoe")})
-    tokens = 64 if ctx.smoke else 8192
-    tiles = Tiles(16, 16, 16) if ctx.smoke else Tiles()
-    rows = []
-    for name, (h, f, e, k) in shapes.items():
-        for routing in ("balanced", "skewed"):
-            if ctx.left() < 0:
-                break
-            got = grouped_gemm.layer_rows(name, h, f, e, k, tokens, routing, tiles, ctx.reps,
-                                          jnp.bfloat16)
-            rows += [record("layer", f"{r['shape']} {r['routing']} {r['impl']}", **r)
+            got = rows_of(name, h, f, e, k, tokens, routing, tiles, ctx.reps, jnp.bfloat16)
+            rows += [record(section, f"{r['shape']} {r['routing']} {r['impl']}", **r)
                      for r in got]
     return rows
 
@@ -720,8 +702,10 @@ def main(argv=None) -> int:
         "ceilings": lambda: ceilings(ctx),
         "correctness": lambda: correctness(ctx),
         "step": lambda: train_step(ctx, state.get("tflops"), state.get("gb_per_s")),
-        "gemm": lambda: gemm_table(ctx),
-        "layer": lambda: layer_table(ctx),
+        "gemm": lambda: kernel_table(ctx, "gemm", grouped_gemm.gemm_rows,
+                                     list(grouped_gemm.SHAPES)),
+        "layer": lambda: kernel_table(ctx, "layer", grouped_gemm.layer_rows,
+                                      ["mixtral-8x7b", "deepseekmoe"]),
         "fp8": lambda: fp8_table(ctx),
         "lowerings": lambda: lowerings(ctx),
     }
