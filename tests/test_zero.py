@@ -23,14 +23,11 @@ LAYOUTS = {
     "tp2xseq2xdata2-tpattn-ep4xed2-gather": {
         "data": 2, "sequence": 2, "tensor": 2, "attention": "tensor", "expert_data": 2,
         "expert": 4, **AG},
-    "tp8-tpattn-etp8": {"data": 1, "tensor": 8, "attention": "tensor", "expert_data": 1,
-                        "expert_tensor": 8},
     "data8-ep4xetp2-ragged": {"expert_data": 1, "expert": 4, "expert_tensor": 2, **RAGGED},
 }
 # Micro-batches (ZeRO-3 gathers and reduce-scatters in each) and remat (gathered parameters
 # are not saved: the backward gathers them again) on some layouts.
-TRAIN = {"seq4xdata2-ulysses-ep8-a2a": {"grad_accum_steps": 2, "remat": "selective"},
-         "tp8-tpattn-etp8": {"grad_accum_steps": 2, "batch_size": 4}}
+TRAIN = {"seq4xdata2-ulysses-ep8-a2a": {"grad_accum_steps": 2, "remat": "selective"}}
 QUICK = {"data8"}
 # The BF16 gradient exchange: all_to_all of BF16 pieces, FP32 sums, then (zero 0) an
 # all_gather or (zero 1) nothing, each device keeping its own part.
