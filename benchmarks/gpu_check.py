@@ -600,7 +600,6 @@ def targets(sections: dict) -> list[dict]:
     return out
 
 
-
 def correctness(ctx: Ctx) -> list[dict]:
     out = []
     for check in (check_grouped_gemm, check_expert_layer, check_fp8, check_attention,
@@ -733,10 +732,9 @@ def main(argv=None) -> int:
         report["meta"]["seconds"] = time.perf_counter() - ctx.started
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
         (out / "gpu_check.md").write_text(markdown(report))
-    if not a.only:
-        report["sections"]["targets"] = {"records": targets(report["sections"]), "seconds": 0.0}
-        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "gpu_check.md").write_text(markdown(report))
+    report["sections"]["targets"] = {"records": targets(report["sections"]), "seconds": 0.0}
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "gpu_check.md").write_text(markdown(report))
     failed = [r["name"] for s in report["sections"].values() for r in s.get("records", [])
               if str(r.get("status", "")).startswith(("FAIL", "error"))]
     errors = [n for n, s in report["sections"].items() if "error" in s]
