@@ -58,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import compare, fp8_cost, grouped_gemm  # noqa: E402
-from benchmarks.timing import timed  # noqa: E402
+from benchmarks.timing import time_train_step, timed  # noqa: E402
 
 # |a - b| / |b| tolerances (docs/testing.md): fp32 (with HIGHEST precision), bf16 operands, and
 # a loss after a few optimizer steps at matching precision on two backends.
@@ -424,7 +424,7 @@ def grouped_rate(ctx: Ctx, cfg) -> float:
 def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) -> list[dict]:
     from msmoe_jax.comms import build_step
     from msmoe_jax.config import load_config
-    from msmoe_jax.flops import PEAK_TFLOPS, train_flops_per_token
+    from msmoe_jax.flops import mfu, peak_flops_per_device, train_flops_per_token
     from msmoe_jax.steptime.model import HARDWARE, calibrate, model_step
 
     if ctx.smoke:
@@ -434,18 +434,8 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
     dev = jax.devices()[0]
     peak_before = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
     _, _, step, state, tokens = build_step(cfg, [dev], abstract=False)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, tokens).compile()
-    compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, tokens)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(2 if ctx.smoke else 5):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, tokens)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    seconds = float(np.median(times))
+    run = time_train_step(step, state, tokens, 2 if ctx.smoke else 5, 1)
+    compiled, state, seconds = run["compiled"], run["state"], run["seconds"]
     kinds, profile_error = {}, None
     try:  # CUPTI may be refused (e.g. under gVisor): the step's figures stand without it
         trace = Path(tempfile.mkdtemp(prefix="gpu_check_trace_"))
@@ -463,7 +453,6 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
         profile_error = f"{type(err).__name__}: {err}"[:500]
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     tps = tokens_per_step / seconds
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
     fpt = train_flops_per_token(cfg.model, cfg.train.seq_len)
     peak_bytes = compare.peak_bytes(compiled)
     # The device's peak since the process started: the step's own only if it rose.
@@ -483,10 +472,10 @@ def train_step(ctx: Ctx, dense_tflops: float | None, copy_gbps: float | None) ->
     busy = sum(kinds.values()) / 2 if kinds else None  # two traced steps
     return [record(
         "step", f"{name}: {cfg.train.batch_size}x{cfg.train.seq_len} tokens, "
-        f"{cfg.train.grad_accum_steps} micro-batches", compile_s=compile_s,
+        f"{cfg.train.grad_accum_steps} micro-batches", compile_s=run["compile_s"],
         step_ms=seconds * 1e3, tokens_per_s=tps,
-        mfu=fpt * tps / (peak * 1e12) if peak else None,
-        loss=float(metrics["loss"]),
+        mfu=mfu(fpt, tps, 1, peak_flops_per_device(None)) if ctx.on_gpu else None,
+        loss=run["last_loss"],
         compiled_peak_gib=peak_bytes / 2**30 if peak_bytes else None,
         measured_peak_gib=peak_after / 2**30 if peak_after > peak_before else None,
         device_busy_ms=busy * 1e3 if busy else None,

@@ -24,7 +24,7 @@ def time_train_step(step, state, tokens, steps: int, num_devices: int) -> dict:
     whose loss every layout shares) and then ``steps`` timed times, threading the state.
 
     Returns compile_s, sent (bytes per device per step), first_loss, last_loss, seconds
-    (median per step) and the compiled step."""
+    (median per step), the compiled step and the state after the last step."""
     from msmoe_jax.parallel.comm_bytes import collectives
 
     t0 = time.perf_counter()
@@ -41,4 +41,4 @@ def time_train_step(step, state, tokens, steps: int, num_devices: int) -> dict:
         times.append(time.perf_counter() - t0)
     return dict(compile_s=compile_s, sent=sent, first_loss=first_loss,
                 last_loss=float(metrics["loss"]), seconds=statistics.median(times),
-                compiled=compiled)
+                compiled=compiled, state=state)
